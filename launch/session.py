@@ -1,0 +1,62 @@
+"""What a launcher process sets up once and reuses for every job of a Hydra sweep: the process
+group, and the loaded model for a given (path, dtype)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from omegaconf import DictConfig
+
+from tp.checkpoint import CheckpointError
+from tp.config import ConfigError
+from tp.device import DeviceError, Dist, init_distributed
+from tp.load import load_model
+from tp.model import InternLM
+from tp.tokenizer import Tokenizer
+
+log = logging.getLogger("internlm_tp")
+
+
+class UserError(Exception):
+    """A problem with the user's input or environment: reported as one line, exit code 2."""
+
+
+# Errors from the library that are the user's to fix, not bugs.
+USER_ERRORS = (ConfigError, CheckpointError, DeviceError, FileNotFoundError, ValueError)
+
+
+@dataclass
+class Session:
+    dist: Dist
+    models: dict = field(default_factory=dict)
+
+    _current: "Session | None" = None
+
+    @classmethod
+    def get(cls, cfg: DictConfig) -> "Session":
+        if cls._current is None:
+            try:
+                d = init_distributed(cfg.device, float(cfg.dist_timeout_s))
+            except USER_ERRORS as err:
+                raise UserError(str(err)) from err
+            log.info("rank %d/%d on %s", d.rank, d.world_size, d.device)
+            cls._current = cls(d)
+        return cls._current
+
+    def model(self, path: str, dtype: str) -> tuple[InternLM, Tokenizer]:
+        key = (path, dtype)
+        if key not in self.models:
+            self.models.clear()  # one model resident at a time
+            try:
+                model = load_model(path, self.dist.rank, self.dist.world_size, self.dist.device, dtype)
+                tokenizer = Tokenizer(path)
+            except USER_ERRORS as err:
+                raise UserError(str(err)) from err
+            log.info("loaded %s: %d layers, %s, rank-local weights %.1f MB", path, model.cfg.num_hidden_layers,
+                     model.dtype, sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6)
+            self.models[key] = (model, tokenizer)
+        return self.models[key]
+
+    def generator(self, seed: int) -> torch.Generator:
+        return torch.Generator().manual_seed(int(seed))

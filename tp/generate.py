@@ -1,0 +1,109 @@
+"""Batched generation: left-padded prefill, then one-token decode steps against the KV cache."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from tp.device import synchronize
+from tp.model import InternLM
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """temperature 0 means greedy; top_k 0 and top_p 1 disable those filters."""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]      # generated ids per prompt, EOS included when produced
+    first_token_ms: float        # prefill + choice of the first token, whole batch
+    next_token_ms: float         # mean time of one decode step (nan when only one token)
+    decode_steps: int
+
+
+def choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row of logits [B, V]."""
+    if sampling.temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / sampling.temperature
+    if sampling.top_k > 0:
+        kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) > sampling.top_p  # keep the token that crosses top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def prefill_inputs(prompts: list[list[int]], pad_id: int, capacity: int, device):
+    """Left-padded ids [B, L], key validity [B, capacity], rotary positions [B, L], mask [B, 1, L, L]."""
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    width = int(lengths.max())
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    valid = torch.zeros(len(prompts), capacity, dtype=torch.bool, device=device)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt, device=device)
+        valid[row, width - len(prompt):width] = True
+    positions = (valid[:, :width].cumsum(-1) - 1).clamp(min=0)
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    # A padding query attends to itself only: never a fully masked row, whose NaNs would reach the
+    # cache and poison real rows through 0 * NaN.
+    mask = (causal & valid[:, None, None, :width]) | torch.eye(width, dtype=torch.bool, device=device)
+    return ids, valid, positions, mask, lengths
+
+
+@torch.inference_mode()
+def generate(model: InternLM, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
+             pad_id: int = 0, sampling: Sampling = Sampling(), generator: torch.Generator | None = None) -> Generation:
+    if not prompts or max_new_tokens < 1:
+        raise ValueError("generate needs at least one prompt and max_new_tokens >= 1")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt: every prompt needs at least one token (BOS)")
+    device = model.device
+    width = max(len(p) for p in prompts)
+    capacity = width + max_new_tokens
+    model.setup_cache(len(prompts), capacity)
+    ids, valid, positions, mask, lengths = prefill_inputs(prompts, pad_id, capacity, device)
+    broadcast = sampling.temperature > 0 and dist.is_initialized() and dist.get_world_size() > 1
+
+    def pick(logits):
+        token = choose(logits[:, -1], sampling, generator)
+        if broadcast:  # every rank must continue with the same tokens
+            dist.broadcast(token, src=0)
+        return token
+
+    synchronize(device)
+    t0 = time.perf_counter()
+    token = pick(model(ids, positions, mask, 0))
+    synchronize(device)
+    first_ms = (time.perf_counter() - t0) * 1e3
+
+    out = [token]
+    finished = token == eos_id
+    steps, t1 = 0, time.perf_counter()
+    for step in range(1, max_new_tokens):
+        if bool(finished.all()):
+            break
+        slot = width + step - 1
+        valid[:, slot] = True
+        pos = (lengths + step - 1).unsqueeze(1)
+        token = pick(model(token.unsqueeze(1), pos, valid[:, None, None, : slot + 1], slot))
+        token = token.masked_fill(finished, eos_id)
+        out.append(token)
+        finished |= token == eos_id
+        steps += 1
+    synchronize(device)
+    next_ms = (time.perf_counter() - t1) * 1e3 / steps if steps else float("nan")
+
+    table = torch.stack(out, dim=1).tolist()
+    tokens = [row[: row.index(eos_id) + 1] if eos_id in row else row for row in table]
+    return Generation(tokens, first_ms, next_ms, steps)

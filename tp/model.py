@@ -1,0 +1,173 @@
+"""InternLM-7B (LLaMA with bias on q/k/v/o) built from tensor-parallel layers, with a KV cache.
+
+Numerically it follows transformers' LlamaForCausalLM(attention_bias=True): RMSNorm in float32,
+rotate-half rotary embedding, SwiGLU MLP. Rank r holds heads [r*h/N, (r+1)*h/N) and the matching
+MLP columns. q/k/v and gate/up are fused into one column-parallel matmul each; the loader stacks
+the source slices (see `tp.load`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tp.config import ModelConfig
+from tp.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_tables(cfg: ModelConfig, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [length, head_dim] in float32 (halves repeated, rotate-half layout).
+
+    InternLM's dynamic NTK rotary only differs from the plain one past max_position_embeddings; a
+    cache longer than that gets the base rescaled for that length (scaling factor 1, as InternLM).
+    """
+    dim = cfg.head_dim
+    base = cfg.rope_theta
+    if cfg.rope_dynamic and length > cfg.max_position_embeddings:
+        base = base * (length / cfg.max_position_embeddings) ** (dim / (dim - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    freqs = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values [batch, local_heads, max_seq, head_dim], written in place."""
+
+    def __init__(self, batch: int, heads: int, max_seq: int, head_dim: int, dtype: torch.dtype, device=None):
+        super().__init__()
+        shape = (batch, heads, max_seq, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        stop = start + k.shape[2]
+        self.k[:, :, start:stop] = k
+        self.v[:, :, start:stop] = v
+        return self.k[:, :, :stop], self.v[:, :, :stop]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, world_size: int, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.local_heads = cfg.num_attention_heads // world_size
+        self.head_dim = cfg.head_dim
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, world_size, cfg.bias, dtype, device)
+        self.o_proj = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, world_size, cfg.bias, dtype, device)
+        self.cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, start: int):
+        b, t, _ = x.shape
+        q, k, v = self.qkv_proj(x).view(b, t, 3, self.local_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = self.cache.update(start, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(self.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.local_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, world_size: int, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, 2 * cfg.intermediate_size, world_size, False, dtype, device)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, world_size, False, dtype, device)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, world_size: int, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.self_attn = Attention(cfg, world_size, dtype, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.mlp = MLP(cfg, world_size, dtype, device)
+
+    def forward(self, x, cos, sin, mask, start: int):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig, rank: int, world_size: int, dtype: torch.dtype, device=None):
+        super().__init__()
+        padded = cfg.padded_vocab_size(world_size)
+        self.embed_tokens = VocabParallelEmbedding(padded, cfg.hidden_size, rank, world_size, dtype, device)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, world_size, dtype, device) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+
+
+class InternLM(nn.Module):
+    """Parameter names mirror the checkpoint's, except the fused `qkv_proj` and `gate_up_proj`."""
+
+    def __init__(self, cfg: ModelConfig, rank: int = 0, world_size: int = 1,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        cfg.check_divisible(world_size)
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.model = Backbone(cfg, rank, world_size, dtype, device)
+        self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.padded_vocab_size(world_size), cfg.vocab_size,
+                                      world_size, dtype, device)
+        self.max_seq = 0
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def setup_cache(self, batch: int, max_seq: int) -> None:
+        """(Re)allocate the KV cache; reused as is when it is already large enough."""
+        cache = self.model.layers[0].self_attn.cache
+        if cache is not None and cache.k.shape[0] == batch and self.max_seq >= max_seq:
+            return
+        heads = self.cfg.num_attention_heads // self.world_size
+        for layer in self.model.layers:
+            layer.self_attn.cache = None  # free the old cache before allocating the new one
+        for layer in self.model.layers:
+            layer.self_attn.cache = KVCache(batch, heads, max_seq, self.cfg.head_dim, self.dtype, self.device)
+        self.max_seq = max_seq
+        cos, sin = rope_tables(self.cfg, max_seq, self.device)
+        self.rope_cos, self.rope_sin = cos.to(self.dtype), sin.to(self.dtype)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, start: int,
+                last_only: bool = True) -> torch.Tensor:
+        """Logits for `ids` [B, T] written at cache slots [start, start+T).
+
+        positions [B, T]: rotary positions (left padding makes them differ from the slots);
+        mask [B, 1, T, start+T]: True where a query may attend a key.
+        last_only: run only the last position through the LM head (all prefill needs).
+        """
+        cos = self.rope_cos[positions].unsqueeze(1)
+        sin = self.rope_sin[positions].unsqueeze(1)
+        x = self.model.embed_tokens(ids)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, start)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x))

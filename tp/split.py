@@ -1,0 +1,64 @@
+"""The one table that says how every checkpoint tensor is split across tensor-parallel ranks.
+
+Both the runtime loader (`tp.checkpoint`) and the offline cutter (`cut_weights`) read it; nothing
+else in the code base decides a split dimension.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Split:
+    kind: str            # "column", "row", "vocab" or "replicated"
+    dim: int | None      # dimension of the source tensor that is cut, None when whole on every rank
+
+
+COLUMN = Split("column", 0)       # output features split: q/k/v, gate, up
+ROW = Split("row", 1)             # input features split: o_proj, down_proj; outputs all-reduced
+VOCAB = Split("vocab", 0)         # vocabulary rows split, padded with zero rows to a multiple of N
+REPLICATED = Split("replicated", None)
+
+SPLIT_TABLE: tuple[tuple[re.Pattern, Split], ...] = tuple((re.compile(p), s) for p, s in (
+    (r"^model\.layers\.\d+\.self_attn\.[qkv]_proj\.(weight|bias)$", COLUMN),
+    (r"^model\.layers\.\d+\.mlp\.(gate|up)_proj\.weight$", COLUMN),
+    (r"^model\.layers\.\d+\.self_attn\.o_proj\.weight$", ROW),
+    (r"^model\.layers\.\d+\.mlp\.down_proj\.weight$", ROW),
+    # o_proj's bias is added once, after the all-reduce, so every rank keeps all of it.
+    (r"^model\.layers\.\d+\.self_attn\.o_proj\.bias$", REPLICATED),
+    (r"^model\.layers\.\d+\.(input_layernorm|post_attention_layernorm)\.weight$", REPLICATED),
+    (r"^model\.norm\.weight$", REPLICATED),
+    (r"^model\.embed_tokens\.weight$", VOCAB),
+    (r"^lm_head\.weight$", VOCAB),
+))
+
+# Buffers some published `.bin` files carry that hold nothing a loader needs.
+_DROPPED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+def is_dropped(name: str) -> bool:
+    return bool(_DROPPED.search(name))
+
+
+def split_of(name: str) -> Split:
+    for pattern, split in SPLIT_TABLE:
+        if pattern.match(name):
+            return split
+    raise KeyError(f"tensor {name!r} is not part of the InternLM/LLaMA architecture")
+
+
+def shard_range(size: int, rank: int, world_size: int, padded_size: int | None = None) -> tuple[int, int, int]:
+    """Rows [start, stop) of a dimension of `size` that `rank` holds, and how many zero rows pad it.
+
+    With `padded_size` (vocab splits) each rank owns padded_size / world_size rows, the tail of the
+    last ranks lying past the real vocabulary and filled with zeros.
+    """
+    total = size if padded_size is None else padded_size
+    if total % world_size:
+        raise ValueError(f"dimension {total} does not split over {world_size} ranks")
+    per_rank = total // world_size
+    start = rank * per_rank
+    stop = min(start + per_rank, size)
+    start = min(start, size)
+    return start, stop, per_rank - (stop - start)
