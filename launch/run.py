@@ -30,7 +30,7 @@ def _keep_non_zero_ranks_out_of_the_output_dir() -> None:
         return
     args = sys.argv[1:]
     sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
-    scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"internlm-tp-rank{rank}-{os.getpid()}"
+    scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"internlm-tp-scratch-rank{rank}"
     if not any(a.startswith("hydra.run.dir=") for a in args):
         sys.argv.append(f"hydra.run.dir={scratch}")
     if not any(a.startswith("hydra.sweep.dir=") for a in args):

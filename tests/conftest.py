@@ -1,0 +1,49 @@
+import json
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tp.tiny import default_ceval_dir, write_tiny_checkpoint  # noqa: E402
+
+CEVAL = default_ceval_dir()
+
+# Prompts of different lengths, so a batch is left-padded.
+PROMPTS = [
+    "以下是中国关于会计考试的单项选择题，请选出其中的正确答案。",
+    "你好",
+    "中华人民共和国的首都是哪里？",
+    "A. 1 B. 2 C. 3 D. 4 答案：",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ceval_dir() -> Path:
+    assert (CEVAL / "subject_mapping.json").is_file(), f"C-Eval data expected at {CEVAL}"
+    return CEVAL
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, ceval_dir) -> Path:
+    """The published layout: 3 .bin shards + index, inv_freq buffers, trained tokenizer."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "internlm-tiny", ceval_dir)
+
+
+def read_full_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    index = json.loads((ckpt / "pytorch_model.bin.index.json").read_text())
+    sd = {}
+    for file in sorted(set(index["weight_map"].values())):
+        sd.update(torch.load(ckpt / file, weights_only=True))
+    return sd
