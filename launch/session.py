@@ -13,6 +13,7 @@ from tp.config import ConfigError
 from tp.device import DeviceError, Dist, init_distributed
 from tp.load import load_model
 from tp.model import InternLM
+from tp.partition import model_files_dir
 from tp.tokenizer import Tokenizer
 
 log = logging.getLogger("internlm_tp")
@@ -50,7 +51,7 @@ class Session:
             self.models.clear()  # one model resident at a time
             try:
                 model = load_model(path, self.dist.rank, self.dist.world_size, self.dist.device, dtype)
-                tokenizer = Tokenizer(path)
+                tokenizer = Tokenizer(model_files_dir(path, self.dist.rank))
             except USER_ERRORS as err:
                 raise UserError(str(err)) from err
             log.info("loaded %s: %d layers, %s, rank-local weights %.1f MB", path, model.cfg.num_hidden_layers,

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from tp.split import is_dropped, shard_range, split_of
+from tp.split import is_dropped, pad_rows, shard_bounds
 
 
 class CheckpointError(RuntimeError):
@@ -44,51 +44,56 @@ def _find_layout(root: Path) -> tuple[str, dict[str, str] | list[str]]:
 
 
 class CheckpointReader:
-    """Name -> tensor access over the files of one checkpoint directory, opened lazily."""
+    """Name -> tensor access over the files of one checkpoint directory.
+
+    Files are opened for each read and closed after it: a memory mapping pins the pages it has
+    touched in this process, so holding it open would let resident memory grow to the size of the
+    file. Names, shapes and dtypes are read once and kept.
+    """
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
         if not self.root.is_dir():
             raise CheckpointError(f"{self.root}: checkpoint directory not found")
         self.format, layout = _find_layout(self.root)
-        self._open: dict[str, object] = {}
+        self._meta: dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]] = {}
         if isinstance(layout, dict):
             self._where = {n: f for n, f in layout.items() if not is_dropped(n)}
             for file in sorted(set(layout.values())):
                 if not (self.root / file).is_file():
                     raise CheckpointError(f"{self.root / file}: shard named in the index is missing")
         else:
-            self._where = {}
-            for file in layout:
-                for name in self._keys(file):
-                    if not is_dropped(name):
-                        self._where[name] = file
+            self._where = {n: f for f in layout for n in self._file_meta(f) if not is_dropped(n)}
 
     # -- files ---------------------------------------------------------------------------------
-    def _file(self, file: str):
-        handle = self._open.get(file)
-        if handle is None:
-            path = self.root / file
+    def _open(self, file: str):
+        """A mapping name -> tensor (.bin, memory-mapped) or a safetensors handle; drop it after use."""
+        path = self.root / file
+        if self.format == "safetensors":
+            try:
+                return safe_open(str(path), framework="pt")
+            except Exception as err:  # safetensors raises its own types for truncated or bad headers
+                raise CheckpointError(f"{path}: cannot be read as safetensors ({err})") from err
+        return _load_bin(path)
+
+    def _file_meta(self, file: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        if file not in self._meta:
+            handle = self._open(file)
             if self.format == "safetensors":
-                try:
-                    handle = safe_open(str(path), framework="pt")
-                except Exception as err:  # safetensors raises its own types for truncated headers
-                    raise CheckpointError(f"{path}: cannot be read as safetensors ({err})") from err
+                meta = {}
+                for name in handle.keys():
+                    piece = handle.get_slice(name)
+                    meta[name] = (tuple(piece.get_shape()), _SAFETENSORS_DTYPES[piece.get_dtype()])
             else:
-                handle = _load_bin(path)
-            self._open[file] = handle
-        return handle
-
-    def _keys(self, file: str) -> list[str]:
-        handle = self._file(file)
-        return list(handle.keys())
-
-    def close(self) -> None:
-        """Drop the open files (and the page-cache pages their mappings pin)."""
-        self._open.clear()
+                meta = {n: (tuple(t.shape), t.dtype) for n, t in handle.items()}
+            self._meta[file] = meta
+        return self._meta[file]
 
     def files(self) -> list[str]:
         return sorted(set(self._where.values()))
+
+    def file_bytes(self) -> dict[str, int]:
+        return {f: (self.root / f).stat().st_size for f in self.files()}
 
     # -- tensors -------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -100,34 +105,41 @@ class CheckpointReader:
         except KeyError:
             raise CheckpointError(f"{self.root}: tensor {name!r} not in the checkpoint") from None
 
-    def _handle_for(self, name: str):
+    def _meta_of(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         file = self.file_of(name)
-        handle = self._file(file)
-        if self.format == "safetensors":
-            if name not in handle.keys():
-                raise CheckpointError(f"{self.root / file}: tensor {name!r} named in the index is not in the file")
-            return handle.get_slice(name)
-        if name not in handle:
+        meta = self._file_meta(file)
+        if name not in meta:
             raise CheckpointError(f"{self.root / file}: tensor {name!r} named in the index is not in the file")
-        return handle[name]
+        return meta[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        handle = self._handle_for(name)
-        return tuple(handle.get_shape()) if self.format == "safetensors" else tuple(handle.shape)
+        return self._meta_of(name)[0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._meta_of(name)[1]
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """The tensor, or rows [start, stop) of dimension `dim`, as a fresh in-memory copy."""
-        handle = self._handle_for(name)
-        index = (slice(None),) * (dim or 0) + (slice(start, stop),) if dim is not None else ()
-        if self.format == "safetensors":
-            return handle[index] if index else handle[:]
-        return handle[index].clone() if index else handle.clone()
+        self._meta_of(name)
+        index = (slice(None),) * dim + (slice(start, stop),) if dim is not None else (slice(None),)
+        handle = self._open(self.file_of(name))
+        try:
+            if self.format == "safetensors":
+                return handle.get_slice(name)[index]
+            return handle[name][index].clone()
+        except Exception as err:  # e.g. a file truncated after its header was read
+            raise CheckpointError(f"{self.root / self.file_of(name)}: cannot read {name} ({err})") from err
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.close()
+        return None
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8,
+                       "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64, "F64": torch.float64,
+                       "BOOL": torch.bool}
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
@@ -144,15 +156,8 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
 
 def read_shard(reader: CheckpointReader, name: str, rank: int, world_size: int,
                padded_vocab: int | None = None) -> torch.Tensor:
-    """The slice of source tensor `name` that `rank` holds, as the split table says."""
-    split = split_of(name)
+    """The slice of source tensor `name` that `rank` holds, as the split table says, read alone."""
+    split, start, stop, pad = shard_bounds(name, reader.shape(name), rank, world_size, padded_vocab)
     if split.dim is None:
         return reader.read(name)
-    size = reader.shape(name)[split.dim]
-    start, stop, pad = shard_range(size, rank, world_size, padded_vocab if split.kind == "vocab" else None)
-    part = reader.read(name, split.dim, start, stop)
-    if pad:
-        pad_shape = list(part.shape)
-        pad_shape[split.dim] = pad
-        part = torch.cat([part, part.new_zeros(pad_shape)], dim=split.dim)
-    return part
+    return pad_rows(reader.read(name, split.dim, start, stop), split.dim, pad)

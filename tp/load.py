@@ -10,6 +10,7 @@ import torch
 from tp.checkpoint import CheckpointError, CheckpointReader, read_shard
 from tp.config import ModelConfig
 from tp.model import InternLM
+from tp.partition import is_cut, open_partition
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -70,17 +71,23 @@ def fill(model: InternLM, local_tensor: Callable[[str], torch.Tensor]) -> None:
 
 def load_model(path: str | Path, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
                dtype: str = "auto") -> InternLM:
-    """An uncut published checkpoint; this rank reads only its own slices (through mmap/safetensors)."""
+    """A rank's model from a cut directory (its own `rank_r/`) or from an uncut published checkpoint
+    (reading only its own slices, through mmap/safetensors)."""
     device = torch.device(device)
-    cfg = ModelConfig.load(path)
+    cut = is_cut(path)
+    directory = open_partition(path, rank, world_size)[0] if cut else Path(path)
+    cfg = ModelConfig.load(directory)
     cfg.check_divisible(world_size)
+    source = CheckpointReader(directory)
     padded = cfg.padded_vocab_size(world_size)
-    with CheckpointReader(path) as reader:
-        missing = [n for n in expected_names(cfg) if n not in set(reader.names())]
-        if missing:
-            raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:5])}"
-                                  f"{' ...' if len(missing) > 5 else ''}")
-        source_dtype = reader.read("model.norm.weight").dtype
-        model = InternLM(cfg, rank, world_size, resolve_dtype(dtype, source_dtype, device), device)
-        fill(model, lambda name: read_shard(reader, name, rank, world_size, padded))
+
+    def local(name: str) -> torch.Tensor:  # a cut already holds rank-local slices
+        return source.read(name) if cut else read_shard(source, name, rank, world_size, padded)
+
+    missing = [n for n in expected_names(cfg) if n not in set(source.names())]
+    if missing:
+        raise CheckpointError(f"{directory}: missing tensor(s) {', '.join(missing[:5])}"
+                              f"{' ...' if len(missing) > 5 else ''}")
+    model = InternLM(cfg, rank, world_size, resolve_dtype(dtype, source.dtype("model.norm.weight"), device), device)
+    fill(model, local)
     return model.eval()

@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class Split:
@@ -62,3 +64,38 @@ def shard_range(size: int, rank: int, world_size: int, padded_size: int | None =
     stop = min(start + per_rank, size)
     start = min(start, size)
     return start, stop, per_rank - (stop - start)
+
+
+def shard_bounds(name: str, shape: tuple[int, ...], rank: int, world_size: int,
+                 padded_vocab: int | None) -> tuple[Split, int, int, int]:
+    """(split, start, stop, zero rows to append) of tensor `name` for `rank`."""
+    split = split_of(name)
+    if split.dim is None:
+        return split, 0, 0, 0
+    size = shape[split.dim]
+    return (split, *shard_range(size, rank, world_size, padded_vocab if split.kind == "vocab" else None))
+
+
+def local_shape(name: str, shape: tuple[int, ...], rank: int, world_size: int,
+                padded_vocab: int | None) -> tuple[int, ...]:
+    split, start, stop, pad = shard_bounds(name, shape, rank, world_size, padded_vocab)
+    if split.dim is None:
+        return tuple(shape)
+    return tuple(stop - start + pad if d == split.dim else n for d, n in enumerate(shape))
+
+
+def pad_rows(part: torch.Tensor, dim: int, pad: int) -> torch.Tensor:
+    if not pad:
+        return part
+    shape = list(part.shape)
+    shape[dim] = pad
+    return torch.cat([part, part.new_zeros(shape)], dim=dim)
+
+
+def take_shard(tensor: torch.Tensor, name: str, rank: int, world_size: int,
+               padded_vocab: int | None) -> torch.Tensor:
+    """`rank`'s slice of an in-memory (or memory-mapped) source tensor, padded for vocab splits."""
+    split, start, stop, pad = shard_bounds(name, tuple(tensor.shape), rank, world_size, padded_vocab)
+    if split.dim is None:
+        return tensor
+    return pad_rows(tensor.narrow(split.dim, start, stop - start), split.dim, pad)

@@ -1,0 +1,3 @@
+from cut_weights.cut import CutError, CutOptions, cut
+
+__all__ = ["CutError", "CutOptions", "cut"]

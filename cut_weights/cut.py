@@ -1,0 +1,231 @@
+"""Cut a published checkpoint into one partition per tensor-parallel rank (SPEC §2).
+
+Streaming: every source tensor is read in row blocks of ~BLOCK_BYTES (each read maps the file,
+copies the block and unmaps it), split with the runtime's own table, and appended to the ranks'
+safetensors files, whose headers were written up front. Resident memory is a few blocks, whatever
+the checkpoint's size. Everything is written into a hidden sibling directory that is renamed into
+place after `manifest.json`, so an interrupted cut never leaves a directory that loads.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from cut_weights.safetensors_writer import StreamingSafetensorsWriter, nbytes
+from tp.checkpoint import CheckpointReader
+from tp.config import ModelConfig
+from tp.load import DTYPES, expected_names
+from tp.partition import FORMAT, MANIFEST, VERSION, rank_dir
+from tp.split import local_shape, shard_bounds, split_of
+
+BLOCK_BYTES = 64 << 20
+COPIED_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+class CutError(RuntimeError):
+    """The cut was refused; nothing was written."""
+
+
+@dataclass
+class CutOptions:
+    input_dir: str
+    output_dir: str
+    world_size: int
+    dtype: str = "auto"
+    quantize: str = "none"
+    overwrite: bool = False
+    max_shard_size: str = "4GB"
+    progress: bool = True
+
+
+def parse_size(text: str) -> int:
+    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "B": 1}
+    upper = str(text).strip().upper()
+    for unit, factor in units.items():
+        if upper.endswith(unit) and upper[: -len(unit)].strip().isdigit():
+            return int(upper[: -len(unit)]) * factor
+    if upper.isdigit():
+        return int(upper)
+    raise CutError(f"max_shard_size={text!r}: expected a size such as 4GB, 500MB or 1048576")
+
+
+class RankOutput:
+    """One rank's safetensors shards, filled in plan order; at most one file open at a time."""
+
+    def __init__(self, directory: Path, shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]]):
+        self.directory, self.shards = directory, shards
+        count = len(shards)
+        self.names = ["model.safetensors"] if count == 1 else \
+            [f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
+        self._k, self._writer = 0, None
+
+    def write(self, name: str, block: torch.Tensor) -> None:
+        if self._writer is None:
+            self._writer = StreamingSafetensorsWriter(self.directory / self.names[self._k], self.shards[self._k])
+        self._writer.write(name, block)
+        if self._writer.done:
+            self._writer.finish()
+            self._writer, self._k = None, self._k + 1
+
+    def finish(self) -> dict[str, int]:
+        if self._k != len(self.shards):
+            raise RuntimeError(f"{self.directory}: {len(self.shards) - self._k} shard(s) left unwritten")
+        if len(self.names) > 1:
+            weight_map = {name: file for file, shard in zip(self.names, self.shards) for name, _, _ in shard}
+            total = sum(nbytes(s, d) for shard in self.shards for _, s, d in shard)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return {f: (self.directory / f).stat().st_size for f in self.names}
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+
+
+def _shards(plan: list[tuple[str, tuple[int, ...], torch.dtype]], limit: int):
+    shards, size = [[]], 0
+    for entry in plan:
+        step = nbytes(entry[1], entry[2])
+        if shards[-1] and size + step > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += step
+    return shards
+
+
+def _check_output(out: Path, src: Path, overwrite: bool) -> None:
+    out_abs, src_abs = out.resolve(), src.resolve()
+    if out_abs == src_abs or src_abs in out_abs.parents:
+        raise CutError(f"output_dir {out} is inside input_dir {src}: choose another directory")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise CutError(f"output_dir {out} already exists: pass overwrite=true to replace it")
+        if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file()):
+            raise CutError(f"output_dir {out} exists and is not a cut (no {MANIFEST}): refusing to replace it")
+
+
+def _source_order(reader: CheckpointReader) -> list[str]:
+    """Tensors grouped by file, so each shard file is read once, front to back."""
+    rank_of = {f: i for i, f in enumerate(reader.files())}
+    return sorted(reader.names(), key=lambda n: rank_of[reader.file_of(n)])
+
+
+def cut(opts: CutOptions) -> Path:
+    src, out, world = Path(opts.input_dir), Path(opts.output_dir), opts.world_size
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise CutError(f"world_size must be a positive integer, got {world!r}")
+    if opts.quantize != "none":
+        raise CutError(f"quantize={opts.quantize!r}: only quantize=none is implemented so far")
+    if opts.dtype != "auto" and opts.dtype not in DTYPES:
+        raise CutError(f"dtype={opts.dtype!r}: expected auto, {', '.join(DTYPES)}")
+    shard_limit = parse_size(opts.max_shard_size)
+    cfg = ModelConfig.load(src)
+    cfg.check_divisible(world)  # before anything is written
+    if not (src / "tokenizer.model").is_file():
+        raise CutError(f"{src / 'tokenizer.model'}: not found; the partitions need the tokenizer")
+    reader = CheckpointReader(src)
+    names = _source_order(reader)
+    unknown = [n for n in names if _unknown(n)]
+    if unknown:
+        raise CutError(f"{src}: tensor(s) not in the InternLM architecture: {', '.join(unknown[:5])}")
+    missing = sorted(set(expected_names(cfg)) - set(names))
+    if missing:
+        raise CutError(f"{src}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    shapes = {n: reader.shape(n) for n in names}  # reads every file's header: a bad file fails here
+    out_dtype = DTYPES[opts.dtype] if opts.dtype != "auto" else reader.dtype("model.norm.weight")
+    _check_output(out, src, opts.overwrite)
+
+    padded = cfg.padded_vocab_size(world)
+    outputs: list[RankOutput] = []
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    for stale in out.parent.glob(f".{out.name}.partial-*") if out.parent.is_dir() else ():
+        shutil.rmtree(stale, ignore_errors=True)  # left by a cut that was killed
+    try:
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as err:
+            raise CutError(f"cannot write the cut under {out.parent}: {err.strerror or err}") from err
+        source_config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+        for r in range(world):
+            directory = rank_dir(tmp, r)
+            directory.mkdir()
+            config = {**source_config, "torch_dtype": str(out_dtype).removeprefix("torch."),
+                      "tensor_parallel": {"world_size": world, "rank": r}}
+            (directory / "config.json").write_text(json.dumps(config, indent=2))
+            for file in COPIED_FILES:
+                if (src / file).is_file():
+                    shutil.copyfile(src / file, directory / file)
+            plan = [(n, local_shape(n, shapes[n], r, world, padded), out_dtype) for n in names]
+            outputs.append(RankOutput(directory, _shards(plan, shard_limit)))
+
+        total = sum(nbytes(shapes[n], reader.dtype(n)) for n in names)
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not opts.progress,
+                  desc=f"cut {src.name} for {world} ranks") as bar:
+            for name in names:
+                _stream_tensor(reader, name, shapes[name], out_dtype, outputs, world, padded, bar)
+        rank_files = {str(r): {"files": o.finish()} for r, o in enumerate(outputs)}
+
+        manifest = {
+            "format": FORMAT, "version": VERSION, "world_size": world,
+            "vocab_size": cfg.vocab_size, "padded_vocab_size": padded,
+            "dtype": str(out_dtype).removeprefix("torch."), "quantize": opts.quantize,
+            "source": {"path": str(src.resolve()), "format": reader.format, "files": reader.file_bytes()},
+            "tensors": {n: {"shape": list(shapes[n]), "split": split_of(n).kind, "split_dim": split_of(n).dim,
+                            "source_dtype": str(reader.dtype(n)).removeprefix("torch.")} for n in names},
+            "ranks": rank_files,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: marks the cut complete
+        _move_into_place(tmp, out)
+    except BaseException:  # Ctrl-C included: leave nothing behind that looks like a cut
+        for o in outputs:
+            o.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _unknown(name: str) -> bool:
+    try:
+        split_of(name)
+    except KeyError:
+        return True
+    return False
+
+
+def _stream_tensor(reader, name, shape, out_dtype, outputs, world, padded, bar) -> None:
+    bounds = [shard_bounds(name, shape, r, world, padded) for r in range(world)]
+    split = bounds[0][0]
+    rows = shape[0]
+    row_bytes = max(1, nbytes(shape[1:], reader.dtype(name)))
+    step = max(1, BLOCK_BYTES // row_bytes)
+    for a in range(0, rows, step):
+        b = min(rows, a + step)
+        block = reader.read(name, 0, a, b).to(out_dtype)
+        for r, (_, start, stop, _) in enumerate(bounds):
+            if split.dim is None:
+                outputs[r].write(name, block)
+            elif split.dim == 1:
+                outputs[r].write(name, block[:, start:stop])
+            elif max(a, start) < min(b, stop):
+                outputs[r].write(name, block[max(a, start) - a: min(b, stop) - a])
+        bar.update(nbytes((b - a, *shape[1:]), reader.dtype(name)))
+    for r, (_, start, stop, pad) in enumerate(bounds):
+        if pad:
+            outputs[r].write(name, torch.zeros((pad, *shape[1:]), dtype=out_dtype))
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
