@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from tp.partition import FORMAT, MANIFEST, VERSION, rank_dir
 from tp.split import local_shape, shard_bounds, split_of
 
 BLOCK_BYTES = 64 << 20
+_POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="cut")
 COPIED_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
@@ -65,13 +67,23 @@ class RankOutput:
             [f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
         self._k, self._writer = 0, None
 
-    def write(self, name: str, block: torch.Tensor) -> None:
+    def _current(self) -> StreamingSafetensorsWriter:
         if self._writer is None:
             self._writer = StreamingSafetensorsWriter(self.directory / self.names[self._k], self.shards[self._k])
-        self._writer.write(name, block)
+        return self._writer
+
+    def _close_if_done(self) -> None:
         if self._writer.done:
             self._writer.finish()
             self._writer, self._k = None, self._k + 1
+
+    def write(self, name: str, block: torch.Tensor) -> None:
+        self._current().write(name, block)
+        self._close_if_done()
+
+    def copy(self, name: str, dtype: torch.dtype, source_fd: int, offset: int, count: int) -> None:
+        self._current().copy(name, dtype, source_fd, offset, count)
+        self._close_if_done()
 
     def finish(self) -> dict[str, int]:
         if self._k != len(self.shards):
@@ -204,19 +216,41 @@ def _stream_tensor(reader, name, shape, out_dtype, outputs, world, padded, bar) 
     split = bounds[0][0]
     rows = shape[0]
     row_bytes = max(1, nbytes(shape[1:], reader.dtype(name)))
+    offset = reader.file_offset(name) if split.dim != 1 and out_dtype == reader.dtype(name) else None
+    if offset is not None:
+        # Each rank's part is one contiguous byte range of the source file: copied in the kernel,
+        # as `cp` does, never passing through this process's memory.
+        # The ranks' files are independent, so their copies run side by side (the GIL is released).
+        with open(reader.root / reader.file_of(name), "rb") as source:
+            def copy(r: int) -> None:
+                _, start, stop, _ = bounds[r]
+                lo, hi = (0, rows) if split.dim is None else (start, stop)
+                outputs[r].copy(name, out_dtype, source.fileno(), offset + lo * row_bytes, (hi - lo) * row_bytes)
+            list(_POOL.map(copy, range(world)))
+        bar.update(rows * row_bytes)
+        _write_padding(name, shape, out_dtype, outputs, bounds)
+        return
     step = max(1, BLOCK_BYTES // row_bytes)
     for a in range(0, rows, step):
         b = min(rows, a + step)
-        block = reader.read(name, 0, a, b).to(out_dtype)
-        for r, (_, start, stop, _) in enumerate(bounds):
-            if split.dim is None:
-                outputs[r].write(name, block)
-            elif split.dim == 1:
-                outputs[r].write(name, block[:, start:stop])
-            elif max(a, start) < min(b, stop):
-                outputs[r].write(name, block[max(a, start) - a: min(b, stop) - a])
+        # A view of the mapped file, written out without an intermediate copy when no dtype
+        # conversion is asked; the mapping (and the pages it pinned) is dropped after each block.
+        with reader.rows(name, a, b) as block:
+            block = block.to(out_dtype)
+            for r, (_, start, stop, _) in enumerate(bounds):
+                if split.dim is None:
+                    outputs[r].write(name, block)
+                elif split.dim == 1:
+                    outputs[r].write(name, block[:, start:stop])
+                elif max(a, start) < min(b, stop):
+                    outputs[r].write(name, block[max(a, start) - a: min(b, stop) - a])
+            del block
         bar.update(nbytes((b - a, *shape[1:]), reader.dtype(name)))
-    for r, (_, start, stop, pad) in enumerate(bounds):
+    _write_padding(name, shape, out_dtype, outputs, bounds)
+
+
+def _write_padding(name, shape, out_dtype, outputs, bounds) -> None:
+    for r, (_, _, _, pad) in enumerate(bounds):
         if pad:
             outputs[r].write(name, torch.zeros((pad, *shape[1:]), dtype=out_dtype))
 

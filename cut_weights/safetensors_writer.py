@@ -9,6 +9,7 @@ after it. The files read back with `safetensors.safe_open` like any other.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -37,21 +38,51 @@ class StreamingSafetensorsWriter:
         raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
         self.path, self._plan, self._sizes = path, plan, [nbytes(s, d) for _, s, d in plan]
         self.total_bytes = 8 + len(raw) + offset
-        self._file = open(path, "wb")
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._file = open(path, "wb", buffering=0)
+        self._write_all(memoryview(struct.pack("<Q", len(raw)) + raw))
         self._index, self._written = 0, 0
 
-    def write(self, name: str, block: torch.Tensor) -> None:
-        expected_name, _, dtype = self._plan[self._index]
-        if name != expected_name or block.dtype != dtype:
-            raise RuntimeError(f"{self.path}: got {name} ({block.dtype}), expected {expected_name} ({dtype})")
-        data = block.contiguous().view(torch.uint8).reshape(-1).numpy()
-        self._file.write(memoryview(data))
-        self._written += data.nbytes
-        if self._written > self._sizes[self._index]:
+    def _expect(self, name: str, dtype: torch.dtype, count: int) -> None:
+        expected_name, _, expected_dtype = self._plan[self._index]
+        if name != expected_name or dtype != expected_dtype:
+            raise RuntimeError(f"{self.path}: got {name} ({dtype}), expected {expected_name} ({expected_dtype})")
+        if self._written + count > self._sizes[self._index]:
             raise RuntimeError(f"{self.path}: more bytes than planned for {name}")
+
+    def _advance(self, count: int) -> None:
+        self._written += count
         if self._written == self._sizes[self._index]:
             self._index, self._written = self._index + 1, 0
+
+    def _write_all(self, data: memoryview) -> None:
+        while data.nbytes:
+            data = data[self._file.write(data):]
+
+    def write(self, name: str, block: torch.Tensor) -> None:
+        data = block.contiguous().view(torch.uint8).reshape(-1).numpy()
+        self._expect(name, block.dtype, data.nbytes)
+        self._write_all(memoryview(data))
+        self._advance(data.nbytes)
+
+    def copy(self, name: str, dtype: torch.dtype, source_fd: int, offset: int, count: int) -> None:
+        """Append `count` bytes of another file from `offset`, inside the kernel (copy_file_range),
+        falling back to reading them through a buffer where the kernel or file system cannot."""
+        self._expect(name, dtype, count)
+        done = 0
+        while done < count:
+            try:
+                step = os.copy_file_range(source_fd, self._file.fileno(), count - done, offset + done)
+            except OSError:
+                step = 0
+            if step == 0:  # unsupported here, or no progress: copy the rest through user space
+                while done < count:
+                    chunk = os.pread(source_fd, min(count - done, 64 << 20), offset + done)
+                    if not chunk:
+                        raise RuntimeError(f"{self.path}: source ended {count - done} bytes early for {name}")
+                    self._write_all(memoryview(chunk))
+                    done += len(chunk)
+            done += step
+        self._advance(count)
 
     @property
     def done(self) -> bool:
