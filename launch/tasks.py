@@ -1,74 +1,40 @@
 """Task dispatch: config in, calls to the `tp` library out, results written by rank 0."""
 from __future__ import annotations
 
-import json
-import logging
+import importlib
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from launch.session import Session, UserError
-from tp.generate import Sampling, generate
-
-log = logging.getLogger("internlm_tp")
 
 
-def _batches(items: list, size: int):
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-
-
-def _sampling(task: DictConfig) -> Sampling:
-    if not task.get("do_sample", False):
-        return Sampling()
-    return Sampling(float(task.temperature), float(task.top_p), int(task.top_k))
-
-
-def run_inference(cfg: DictConfig, session: Session, out_dir: Path) -> None:
-    task = cfg.task
-    prompts = [str(p) for p in task.prompts] if task.prompts else []
-    if not prompts:
-        raise UserError("task.prompts is empty: give at least one prompt")
-    if int(task.batch_size) < 1:
-        raise UserError(f"task.batch_size must be >= 1, got {task.batch_size}")
-    if int(task.max_new_tokens) < 1:
-        raise UserError(f"task.max_new_tokens must be >= 1, got {task.max_new_tokens}")
-    model, tok = session.model(str(cfg.model.path), str(cfg.dtype))
-    limit = model.cfg.max_position_embeddings
-    encoded = []
-    for text in prompts:
-        ids = tok.encode(text)
-        if len(ids) + int(task.max_new_tokens) > limit:
-            raise UserError(f"prompt of {len(ids)} tokens + task.max_new_tokens={task.max_new_tokens} exceeds "
-                            f"the model's context of {limit} tokens: shorten the prompt")
-        encoded.append(ids)
-    sampling, gen = _sampling(task), session.generator(cfg.seed)
-    if int(task.get("warmup_tokens", 0)) > 0:
-        generate(model, encoded[:1], int(task.warmup_tokens), tok.eos_id, sampling=sampling, generator=gen)
-    rows = []
-    for batch_text, batch_ids in zip(_batches(prompts, int(task.batch_size)),
-                                     _batches(encoded, int(task.batch_size))):
-        result = generate(model, batch_ids, int(task.max_new_tokens), tok.eos_id, sampling=sampling, generator=gen)
-        for text, ids in zip(batch_text, result.tokens):
-            rows.append({"prompt": text, "output": tok.decode(ids), "output_ids": ids,
-                         "first_token_ms": round(result.first_token_ms, 3),
-                         "next_token_ms": round(result.next_token_ms, 3) if result.decode_steps else None})
-    if session.dist.is_main:
-        path = out_dir / "inference.jsonl"
-        with open(path, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        for row in rows:
-            print(f"### prompt: {row['prompt']}\n### output: {row['output']}\n"
-                  f"    first token {row['first_token_ms']} ms, next token {row['next_token_ms']} ms", flush=True)
-        log.info("wrote %s", path)
-
-
-TASKS = {"inference": run_inference}
+TASKS = ("inference", "precision", "performance")  # each a module launch/{name}.py with run()
 
 
 def run(cfg: DictConfig, session: Session, out_dir: Path) -> None:
     name = cfg.task.get("name")
     if name not in TASKS:
         raise UserError(f"unknown task {name!r}: expected one of {', '.join(TASKS)}")
-    TASKS[name](cfg, session, out_dir)
+    importlib.import_module(f"launch.{name}").run(cfg, session, out_dir)
+
+
+def positive_int(task: DictConfig, key: str) -> int:
+    value = task.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"task.{key} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def int_list(task: DictConfig, key: str) -> list[int]:
+    """A scalar or a list of integers >= 1 (grids of the performance task)."""
+    value = task.get(key)
+    values = list(value) if hasattr(value, "__iter__") and not isinstance(value, str) else [value]
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        raise UserError(f"task.{key} must be an integer >= 1 or a list of them, got {value!r}")
+    return values
+
+
+def batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]

@@ -10,18 +10,14 @@ def run_rank(rank: int, world_size: int, port: int, ckpt: str, prompts: list[lis
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from tp.device import init_distributed
-    from tp.generate import generate, prefill_inputs
+    from tp.generate import generate, next_token_logits
     from tp.load import load_model
 
     d = init_distributed("cpu", timeout_s=120)
     model = load_model(ckpt, d.rank, d.world_size, d.device, dtype)
     batched = generate(model, prompts, max_new_tokens, eos_id=2)
     alone = [generate(model, [p], max_new_tokens, eos_id=2).tokens[0] for p in prompts]
-    with torch.inference_mode():
-        width = max(len(p) for p in prompts)
-        model.setup_cache(len(prompts), width)
-        ids, _, positions, mask, _ = prefill_inputs(prompts, 0, width, d.device)
-        logits = model(ids, positions, mask, 0)[:, -1].float()
+    logits = next_token_logits(model, prompts)
     torch.save({"batched": batched.tokens, "alone": alone, "logits": logits},
                os.path.join(out_dir, f"rank{rank}.pt"))
     if world_size > 1:

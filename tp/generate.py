@@ -25,6 +25,11 @@ class Generation:
     first_token_ms: float        # prefill + choice of the first token, whole batch
     next_token_ms: float         # mean time of one decode step (nan when only one token)
     decode_steps: int
+    # With profile=True, the mean decode step split into input preparation, the forward pass and
+    # the choice of the token (the Ascend reference's pre / forward / post columns); nan otherwise.
+    pre_ms: float = float("nan")
+    forward_ms: float = float("nan")
+    post_ms: float = float("nan")
 
 
 def choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
@@ -63,7 +68,9 @@ def prefill_inputs(prompts: list[list[int]], pad_id: int, capacity: int, device)
 
 @torch.inference_mode()
 def generate(model: InternLM, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
-             pad_id: int = 0, sampling: Sampling = Sampling(), generator: torch.Generator | None = None) -> Generation:
+             pad_id: int = 0, sampling: Sampling = Sampling(), generator: torch.Generator | None = None,
+             profile: bool = False) -> Generation:
+    """Generate up to max_new_tokens per prompt; eos_id=-1 never stops early (benchmarks)."""
     if not prompts or max_new_tokens < 1:
         raise ValueError("generate needs at least one prompt and max_new_tokens >= 1")
     if any(len(p) == 0 for p in prompts):
@@ -89,21 +96,43 @@ def generate(model: InternLM, prompts: list[list[int]], max_new_tokens: int, eos
 
     out = [token]
     finished = token == eos_id
+    phases = torch.zeros(3, dtype=torch.float64)  # pre, forward, post (profile only)
+
+    def clock() -> float:
+        if profile:
+            synchronize(device)
+        return time.perf_counter()
+
     steps, t1 = 0, time.perf_counter()
     for step in range(1, max_new_tokens):
         if bool(finished.all()):
             break
+        ta = clock()
         slot = width + step - 1
         valid[:, slot] = True
         pos = (lengths + step - 1).unsqueeze(1)
-        token = pick(model(token.unsqueeze(1), pos, valid[:, None, None, : slot + 1], slot))
-        token = token.masked_fill(finished, eos_id)
+        tb = clock()
+        logits = model(token.unsqueeze(1), pos, valid[:, None, None, : slot + 1], slot)
+        tc = clock()
+        token = pick(logits).masked_fill(finished, eos_id)
         out.append(token)
         finished |= token == eos_id
         steps += 1
+        if profile:
+            phases += torch.tensor([tb - ta, tc - tb, clock() - tc], dtype=torch.float64)
     synchronize(device)
     next_ms = (time.perf_counter() - t1) * 1e3 / steps if steps else float("nan")
+    pre_ms, forward_ms, post_ms = (phases * 1e3 / steps).tolist() if profile and steps else [float("nan")] * 3
 
     table = torch.stack(out, dim=1).tolist()
     tokens = [row[: row.index(eos_id) + 1] if eos_id in row else row for row in table]
-    return Generation(tokens, first_ms, next_ms, steps)
+    return Generation(tokens, first_ms, next_ms, steps, pre_ms, forward_ms, post_ms)
+
+
+@torch.inference_mode()
+def next_token_logits(model: InternLM, prompts: list[list[int]], pad_id: int = 0) -> torch.Tensor:
+    """Float32 logits [B, vocab] of the token after each (left-padded) prompt: one prefill, no decode."""
+    width = max(len(p) for p in prompts)
+    model.setup_cache(len(prompts), width)
+    ids, _, positions, mask, _ = prefill_inputs(prompts, pad_id, width, model.device)
+    return model(ids, positions, mask, 0)[:, -1].float()
