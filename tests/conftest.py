@@ -1,5 +1,7 @@
 import json
+import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -47,3 +49,14 @@ def read_full_state(ckpt: Path) -> dict[str, torch.Tensor]:
     for file in sorted(set(index["weight_map"].values())):
         sd.update(torch.load(ckpt / file, weights_only=True))
     return sd
+
+
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+
+
+def torchrun(nproc: int, *overrides: str, timeout: int = 300, multirun: bool = False) -> subprocess.CompletedProcess:
+    """launch/run.py through torchrun, as a user runs it; OMP threads 1 per rank (2 cores here)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [TORCHRUN, "--nproc-per-node", str(nproc), "--master-port", str(free_port()),
+           str(ROOT / "launch" / "run.py"), *(["-m"] if multirun else []), *overrides]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

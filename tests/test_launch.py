@@ -1,24 +1,10 @@
 """launch/run.py through torchrun, as a user runs it."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-from conftest import ROOT, free_port
+from conftest import torchrun
 from tp.generate import generate
 from tp.load import load_model
 from tp.tokenizer import Tokenizer
-
-TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
-
-
-def torchrun(nproc: int, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [TORCHRUN, "--nproc-per-node", str(nproc), "--master-port", str(free_port()),
-           str(ROOT / "launch" / "run.py"), *overrides]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
 
 PROMPTS = ["你好", "中华人民共和国的首都是哪里？", "以下是中国关于会计考试的单项选择题"]
 

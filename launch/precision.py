@@ -1,0 +1,179 @@
+"""task=precision: C-Eval accuracy by subject and by category (SPEC §3).
+
+protocol=official: answer-only k-shot prompt, prediction = argmax of the next-token logits over the
+pieces A/B/C/D. protocol=atb: the Ascend reference's own script (English header, `Answer:`, first
+letter of a 32-token greedy generation). Every rank computes; rank 0 appends each batch to
+test_result/cache0.csv, so a killed run resumes where it stopped, and writes the accuracies.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from launch.session import Session, UserError
+from launch.tasks import batches, positive_int
+from tp import ceval
+from tp.generate import generate, next_token_logits
+from tp.partition import model_files_dir
+
+log = logging.getLogger("internlm_tp")
+
+ROOT = Path(__file__).resolve().parents[1]
+ATB_MAX_PROMPT_TOKENS = 2000
+ATB_NEW_TOKENS = 32
+HUB_DATASET = "ceval/ceval-exam"
+
+
+def resolve_data_dir(configured: str | None) -> Path:
+    """task.data_dir, else ../shared/ceval beside the repository, else the hub copy (downloaded once)."""
+    if configured:
+        return ceval.check_data_dir(configured)
+    local = ROOT.parent / "shared" / "ceval"
+    if local.is_dir():
+        return ceval.check_data_dir(local)
+    return fetch_from_hub(Path.home() / ".cache" / "internlm-tp" / "ceval")
+
+
+def fetch_from_hub(target: Path) -> Path:
+    """The official data from the hub (`datasets`), written once in the official csv layout."""
+    if (target / "val").is_dir():
+        return ceval.check_data_dir(target)
+    try:
+        from datasets import load_dataset
+        for subject in ceval.load_mapping(None):
+            data = load_dataset(HUB_DATASET, subject)
+            for split in ("dev", "val"):
+                (target / split).mkdir(parents=True, exist_ok=True)
+                data[split].to_csv(str(target / split / f"{subject}_{split}.csv"), index=False)
+    except Exception as err:  # no `datasets`, offline, or the hub refused
+        raise UserError(f"C-Eval data not found locally and not downloadable ({type(err).__name__}: {err}). "
+                        f"Put the official ceval-exam files (dev/{{subject}}_dev.csv, val/{{subject}}_val.csv, "
+                        f"subject_mapping.json) in a directory and pass task.data_dir=DIR") from err
+    return ceval.check_data_dir(target)
+
+
+def data_checksum(data_dir: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(data_dir.glob("*/*.csv")):
+        digest.update(path.relative_to(data_dir).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def fingerprint(cfg: DictConfig, data_dir: Path, rank_files: Path) -> dict:
+    """What the cached answers depend on; a resume with any of it changed is refused."""
+    config = hashlib.sha256((rank_files / "config.json").read_bytes()).hexdigest()[:16]
+    return {"model": str(Path(cfg.model.path).resolve()), "model_config": config, "dtype": str(cfg.dtype),
+            "data": data_checksum(data_dir), "protocol": str(cfg.task.protocol), "shots": int(cfg.task.shots)}
+
+
+def _from_rank0(make):
+    """Run `make` on rank 0 and hand its result (or its error) to every rank, so a refusal on rank 0
+    ends every rank with the same message instead of leaving the others waiting."""
+    payload = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            payload = [("ok", make())]
+        except (ceval.CevalError, OSError) as err:
+            payload = [("error", str(err))]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(payload, src=0)
+    status, result = payload[0]
+    if status == "error":
+        raise UserError(result)
+    return result
+
+
+def run(cfg: DictConfig, session: Session, out_dir: Path) -> None:
+    task = cfg.task
+    protocol = str(task.protocol)
+    if protocol not in ("official", "atb"):
+        raise UserError(f"task.protocol={protocol!r}: expected official or atb")
+    batch_size = positive_int(task, "batch_size")
+    shots = task.shots
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 0:
+        raise UserError(f"task.shots must be an integer >= 0, got {shots!r}")
+    try:
+        data_dir = resolve_data_dir(task.get("data_dir"))
+        mapping = ceval.load_mapping(data_dir)
+        subjects = ceval.resolve_subjects(mapping, OmegaConf.to_object(task.subjects) if task.subjects else None)
+        questions = {s: ceval.load_split(data_dir, s, "val") for s in subjects}
+        dev = {s: ceval.load_split(data_dir, s, "dev")[:shots] for s in subjects}
+    except ceval.CevalError as err:
+        raise UserError(str(err)) from err
+
+    model, tok = session.model(str(cfg.model.path), str(cfg.dtype))
+    letter_ids = [tok.piece_id(c) for c in ceval.CHOICES]
+    if protocol == "official" and None in letter_ids:
+        raise UserError(f"the tokenizer has no piece for {[c for c, i in zip(ceval.CHOICES, letter_ids) if i is None]}: "
+                        f"the official protocol reads the logits of the bare letters A, B, C, D")
+    rank_files = model_files_dir(cfg.model.path, session.dist.rank)
+    identity = fingerprint(cfg, data_dir, rank_files)
+    cache = None
+
+    def open_cache():
+        nonlocal cache
+        cache = ceval.ResultCache(out_dir / "test_result", identity)
+        return sorted(cache.done())
+
+    done = {tuple(k) for k in _from_rank0(open_cache)}
+    pending = [q for s in subjects for q in questions[s] if (q.subject, q.id) not in done]
+    if session.dist.is_main and done:
+        log.info("resuming: %d answered questions read from the cache, %d to ask", len(done), len(pending))
+
+    context = model.cfg.max_position_embeddings
+    bar = tqdm(total=len(pending), unit="q", desc=f"C-Eval {protocol}", disable=not session.dist.is_main)
+    for batch in batches(pending, batch_size):
+        prompts = [_encode(tok, protocol, mapping, dev[q.subject], q, context) for q in batch]
+        if protocol == "official":
+            logits = next_token_logits(model, prompts)[:, letter_ids]
+            predictions = [ceval.CHOICES[i] for i in logits.argmax(dim=-1).tolist()]
+        else:
+            result = generate(model, prompts, ATB_NEW_TOKENS, tok.eos_id)
+            predictions = [ceval.first_letter(tok.decode(ids)) or "-1" for ids in result.tokens]
+        if session.dist.is_main:
+            cache.append([{"subject": q.subject, "id": q.id, "answer": q.answer, "prediction": p,
+                           "correct": p == q.answer} for q, p in zip(batch, predictions)])
+        bar.update(len(batch))
+    bar.close()
+
+    if session.dist.is_main:
+        rows = [r for r in cache.rows() if r["subject"] in questions]
+        subject_acc, classes_acc = ceval.score(rows, mapping)
+        result_dir = out_dir / "test_result"
+        (result_dir / "result_0_subject_acc.json").write_text(json.dumps(subject_acc, indent=2, ensure_ascii=False))
+        (result_dir / "result_0_classes_acc.json").write_text(json.dumps(classes_acc, indent=2))
+        print(ceval.format_table(classes_acc), flush=True)
+        log.info("C-Eval (%s, %d-shot) over %d questions of %d subjects: results in %s",
+                 protocol, shots, len(rows), len(subject_acc), result_dir)
+
+
+def _encode(tok, protocol: str, mapping, shots: list, question, context: int) -> list[int]:
+    """Token ids of the question's prompt, shots dropped from the end until it fits."""
+    if protocol == "official":
+        info = mapping[question.subject]
+
+        def make(k):
+            return ceval.official_prompt(info, k, question)
+
+        def fits(text):
+            return len(tok.encode(text)) <= context
+    else:
+        def make(k):
+            return ceval.atb_prompt(question.subject, k, question)
+
+        def fits(text):
+            n = len(tok.encode(text))
+            return n <= ATB_MAX_PROMPT_TOKENS and n + ATB_NEW_TOKENS <= context
+    text, _ = ceval.fit_prompt(make, shots, fits)
+    ids = tok.encode(text)
+    limit = context - (ATB_NEW_TOKENS if protocol == "atb" else 0)
+    if len(ids) > limit:  # even with no shot: keep the end, where the question and "答案：" are
+        ids = ids[:1] + ids[len(ids) - limit + 1:]
+    return ids
+
