@@ -17,21 +17,12 @@ from omegaconf import DictConfig
 from launch.session import Session, UserError
 from launch.tasks import int_list
 from tp.generate import generate
-from tp.model import InternLM
 
 log = logging.getLogger("internlm_tp")
 
 COLUMNS = ["batch_size", "input_seq_len(Encoding)", "output_seq_len(Decoding)", "ResponseTime(s)",
            "forward_first_token_time(ms)", "forward_next_token_time(ms)", "pre_next_token_time(ms)",
            "post_next_token_time_post(ms)", "tokens_per_s", "weight_GBps"]
-
-
-def decode_bytes(model: InternLM, batch: int) -> int:
-    """Bytes of this rank's weights one decode step reads: every matrix once, and of the embedding
-    only the `batch` rows looked up."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    emb = model.model.embed_tokens.weight
-    return total - emb.numel() * emb.element_size() + batch * emb.shape[1] * emb.element_size()
 
 
 def random_prompts(batch: int, length: int, vocab: int, eos_id: int, generator: torch.Generator) -> list[list[int]]:
@@ -77,7 +68,7 @@ def run(cfg: DictConfig, session: Session, out_dir: Path) -> None:
             "forward_next_token_time(ms)": round(nxt, 4), "pre_next_token_time(ms)": round(pre, 4),
             "post_next_token_time_post(ms)": round(post, 4),
             "tokens_per_s": round(batch * n_out / response_s, 3),
-            "weight_GBps": round(decode_bytes(model, batch) / (nxt * 1e6), 3) if nxt > 0 else 0.0,
+            "weight_GBps": round(model.decode_weight_bytes(batch) / (nxt * 1e6), 3) if nxt > 0 else 0.0,
         })
         if session.dist.is_main:
             log.info("batch %d, in %d, out %d: first token %.2f ms, next token %.3f ms, %.1f tokens/s",

@@ -55,7 +55,7 @@ class Session:
             except USER_ERRORS as err:
                 raise UserError(str(err)) from err
             log.info("loaded %s: %d layers, %s, rank-local weights %.1f MB", path, model.cfg.num_hidden_layers,
-                     model.dtype, sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6)
+                     model.dtype, model.weight_bytes() / 1e6)
             self.models[key] = (model, tokenizer)
         return self.models[key]
 

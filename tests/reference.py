@@ -6,15 +6,18 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
-def reference_model(ckpt: Path, state: dict[str, torch.Tensor]) -> LlamaForCausalLM:
+def reference_config(ckpt: Path) -> LlamaConfig:
     c = json.loads((ckpt / "config.json").read_text())
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
         num_hidden_layers=c["num_hidden_layers"], num_attention_heads=c["num_attention_heads"],
         max_position_embeddings=c["max_position_embeddings"], rms_norm_eps=c["rms_norm_eps"],
         attention_bias=c["bias"], tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": c.get("rope_theta", 10000.0)})
-    model = LlamaForCausalLM(config).eval()
+
+
+def reference_model(ckpt: Path, state: dict[str, torch.Tensor]) -> LlamaForCausalLM:
+    model = LlamaForCausalLM(reference_config(ckpt)).eval()
     model.load_state_dict({k: v.float() for k, v in state.items() if "inv_freq" not in k}, strict=True)
     return model
 

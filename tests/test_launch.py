@@ -42,6 +42,6 @@ def test_tp_size_that_does_not_divide_heads_is_refused_at_start(tiny_ckpt, tmp_p
 
 def test_bad_batch_size_and_missing_checkpoint_are_clear_errors(tiny_ckpt, tmp_path):
     proc = torchrun(1, f"model.path={tiny_ckpt}", f"hydra.run.dir={tmp_path}", "task.batch_size=0")
-    assert proc.returncode != 0 and "task.batch_size must be >= 1, got 0" in proc.stdout
+    assert proc.returncode != 0 and "task.batch_size must be an integer >= 1, got 0" in proc.stdout
     proc = torchrun(1, f"model.path={tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0 and "nowhere/config.json: not found" in proc.stdout

@@ -13,6 +13,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except for a single row (batch-1 decode), which goes through torch.mv: on the CPU
+    its GEMV kernel reads bfloat16 weights ~20% faster than linear's GEMM path (bench/decode.py)."""
+    if x.numel() != x.shape[-1]:
+        return F.linear(x, weight, bias)
+    y = torch.mv(weight, x.reshape(-1))
+    if bias is not None:
+        y = y.add_(bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device | str | None) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
@@ -29,7 +40,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _empty(out_features // world_size, dtype=dtype, device=device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -45,7 +56,7 @@ class RowParallelLinear(nn.Module):
         self.bias = _empty(out_features, dtype=dtype, device=device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         if self.world_size > 1:
             dist.all_reduce(y)
         return y if self.bias is None else y.add_(self.bias)
@@ -86,7 +97,7 @@ class ParallelLMHead(nn.Module):
         self.weight = _empty(padded_vocab // world_size, hidden, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        local = F.linear(x, self.weight)
+        local = linear(x, self.weight)
         if self.world_size == 1:
             return local[..., : self.vocab_size]
         parts = [torch.empty_like(local) for _ in range(self.world_size)]

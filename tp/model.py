@@ -141,6 +141,19 @@ class InternLM(nn.Module):
     def device(self) -> torch.device:
         return self.lm_head.weight.device
 
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def decode_weight_bytes(self, batch: int) -> int:
+        """Bytes of this rank's weights one decode step reads: every matrix once, and of the
+        embedding only the `batch` rows looked up."""
+        emb = self.model.embed_tokens.weight
+        return self.weight_bytes() - emb.numel() * emb.element_size() + batch * emb.shape[1] * emb.element_size()
+
+    def cache_bytes(self) -> int:
+        cache = self.model.layers[0].self_attn.cache
+        return 0 if cache is None else 2 * cache.k.numel() * cache.k.element_size() * len(self.model.layers)
+
     def setup_cache(self, batch: int, max_seq: int) -> None:
         """(Re)allocate the KV cache; reused as is when it is already large enough."""
         cache = self.model.layers[0].self_attn.cache
