@@ -53,8 +53,9 @@ def worker_build(out: str) -> dict:
 
 
 def worker_probe(ckpt: str, dtype: str, threads: int) -> dict:
-    """GB/s of F.linear at batch 1 over every weight matrix of the model, in the checkpoint's shapes
-    (q, k, v, gate, up apart) and fused (qkv, gate_up) as we run them; the better is the roofline."""
+    """GB/s of a batch-1 GEMV (F.linear and torch.mv) over every weight matrix of the model, in the
+    checkpoint's shapes (q, k, v, gate, up apart) and fused (qkv, gate_up) as we run them; the best
+    of the four is the roofline."""
     import torch
     import torch.nn.functional as F
     _threads(threads)
@@ -67,13 +68,14 @@ def worker_probe(ckpt: str, dtype: str, threads: int) -> dict:
         mats = [torch.randn(o, i).to(dt) for _ in range(layers) for o, i in per_layer] + [torch.randn(v, h).to(dt)]
         xs = {i: torch.randn(1, i).to(dt) for i in (h, inter)}
         total = sum(m.numel() * m.element_size() for m in mats)
-        best = float("inf")
-        for _ in range(5):
-            t0 = time.perf_counter()
-            for m in mats:
-                F.linear(xs[m.shape[1]], m)
-            best = min(best, time.perf_counter() - t0)
-        result[label] = total / best / 1e9
+        for op, f in (("F.linear", lambda m: F.linear(xs[m.shape[1]], m)), ("torch.mv", lambda m: torch.mv(m, xs[m.shape[1]][0]))):
+            best = float("inf")
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for m in mats:
+                    f(m)
+                best = min(best, time.perf_counter() - t0)
+            result[f"{op}, {label}"] = total / best / 1e9
         del mats
     return result
 

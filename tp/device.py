@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from tp import comm
+
 BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 AUTO_ORDER = ("npu", "cuda", "cpu")
 
@@ -71,8 +73,9 @@ def env_ranks() -> tuple[int, int, int]:
 
 
 def init_distributed(requested: str = "auto", timeout_s: float = 300.0,
-                     counts: dict[str, Callable[[], int]] | None = None) -> Dist:
-    """Pin this process to its device (LOCAL_RANK) and join the process group (once per process).
+                     counts: dict[str, Callable[[], int]] | None = None, comm_choice: str = "auto") -> Dist:
+    """Pin this process to its device (LOCAL_RANK), join the process group (once per process) and
+    pick the collectives the layers use (`tp.comm`: shared memory for same-host CPU ranks).
 
     The collective timeout is what turns a dead peer into an error instead of a hang.
     """
@@ -91,6 +94,7 @@ def init_distributed(requested: str = "auto", timeout_s: float = 300.0,
         dist.init_process_group(BACKENDS[kind], rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout_s),
                                 **({"device_id": device} if kind != "cpu" else {}))
+        comm.setup(comm_choice, kind, rank, world_size, timeout_s)
     return Dist(rank, world_size, local_rank, device, kind)
 
 

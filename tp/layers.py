@@ -8,9 +8,10 @@ ParallelLMHead         vocabulary rows split; local logits all-gathered, padding
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from tp import comm
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -58,7 +59,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(x, self.weight)
         if self.world_size > 1:
-            dist.all_reduce(y)
+            comm.current().all_reduce(y)
         return y if self.bias is None else y.add_(self.bias)
 
 
@@ -81,7 +82,7 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local < 0) | (local >= self.per_rank)
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
         out.masked_fill_(outside.unsqueeze(-1), 0)
-        dist.all_reduce(out)
+        comm.current().all_reduce(out)
         return out
 
 
@@ -100,6 +101,4 @@ class ParallelLMHead(nn.Module):
         local = linear(x, self.weight)
         if self.world_size == 1:
             return local[..., : self.vocab_size]
-        parts = [torch.empty_like(local) for _ in range(self.world_size)]
-        dist.all_gather(parts, local)
-        return torch.cat(parts, dim=-1)[..., : self.vocab_size]
+        return comm.current().all_gather(local)[..., : self.vocab_size]

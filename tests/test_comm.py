@@ -1,0 +1,88 @@
+"""tp.comm: the shared-memory collectives against gloo's, as real processes."""
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import free_port
+
+
+def _rank(rank, world, port, out, choice, skip_rank):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from tp import comm
+    from tp.device import init_distributed
+    init_distributed("cpu", timeout_s=60, comm_choice=choice)
+    c = comm.current()
+    g = torch.Generator().manual_seed(rank)
+    small = torch.randn(1, 1, 192, generator=g)
+    big = torch.randn(600, 1000, generator=g)  # 2.4 MB: above the shared-memory slot, through gloo
+    bf16 = torch.randn(3, 64, generator=g).bfloat16()
+    result = {"kind": type(c).__name__}
+    if rank == skip_rank:  # a peer that never reaches the collective
+        dist.barrier()
+        torch.save(result, os.path.join(out, f"{rank}.pt"))
+        return
+    if skip_rank is not None:
+        dist.barrier()
+        c.timeout_s = 2
+        try:
+            c.all_reduce(small)
+        except RuntimeError as err:
+            result["error"] = str(err)
+        torch.save(result, os.path.join(out, f"{rank}.pt"))
+        return
+    inputs = {"small": small.clone(), "big": big.clone(), "bf16": bf16.clone()}
+    reference = {}
+    for name, x in inputs.items():
+        y = x.clone()
+        dist.all_reduce(y)
+        reference[name] = y
+    result["all_reduce"] = {n: c.all_reduce(x.clone()) for n, x in inputs.items()}
+    result["reference"] = reference
+    result["gather"] = c.all_gather(torch.full((2, 3), float(rank)))
+    result["repeat"] = [c.all_reduce(torch.full((4,), float(rank + i))) for i in range(50)]
+    torch.save(result, os.path.join(out, f"{rank}.pt"))
+
+
+def spawn(world, tmp_path, choice="auto", skip_rank=None):
+    mp.start_processes(_rank, args=(world, free_port(), str(tmp_path), choice, skip_rank), nprocs=world,
+                       start_method="spawn")
+    return [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(world)]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_shared_memory_collectives_equal_gloo(world, tmp_path):
+    ranks = spawn(world, tmp_path)
+    assert {r["kind"] for r in ranks} == {"SharedMemoryComm"}
+    for r in ranks:
+        for name, y in r["all_reduce"].items():
+            torch.testing.assert_close(y, r["reference"][name])  # dtype's tolerance: summation order differs
+            assert torch.equal(y, ranks[0]["all_reduce"][name]), "every rank holds the same bits"
+        assert torch.equal(r["gather"], torch.cat([torch.full((2, 3), float(q)) for q in range(world)], dim=-1))
+        expected = [torch.full((4,), float(sum(q + i for q in range(world)))) for i in range(50)]
+        assert all(torch.equal(a, b) for a, b in zip(r["repeat"], expected)), "consecutive collectives stay apart"
+
+
+def test_dist_switch_turns_shared_memory_off(tmp_path):
+    ranks = spawn(2, tmp_path, choice="dist")
+    assert {r["kind"] for r in ranks} == {"DistComm"}
+    assert torch.equal(ranks[0]["all_reduce"]["small"], ranks[0]["reference"]["small"])
+
+
+def test_missing_peer_is_an_error_naming_it_not_a_hang(tmp_path):
+    ranks = spawn(2, tmp_path, skip_rank=1)
+    assert "rank(s) [1] did not reach collective #1 within 2 s" in ranks[0]["error"]
+
+
+def test_shared_memory_only_where_possible(monkeypatch):
+    from tp.comm import shared_memory_possible
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert shared_memory_possible("cpu", 2) == (os.uname().machine in ("x86_64", "AMD64"))
+    assert not shared_memory_possible("cuda", 2)
+    assert not shared_memory_possible("cpu", 4), "ranks on another host: gloo"
+    assert not shared_memory_possible("cpu", 1)
