@@ -3,11 +3,13 @@ group, and the loaded model for a given (path, dtype)."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
 from omegaconf import DictConfig
 
+from tp import comm
 from tp.checkpoint import CheckpointError
 from tp.config import ConfigError
 from tp.device import DeviceError, Dist, init_distributed
@@ -38,10 +40,11 @@ class Session:
     def get(cls, cfg: DictConfig) -> "Session":
         if cls._current is None:
             try:
-                d = init_distributed(cfg.device, float(cfg.dist_timeout_s))
+                d = init_distributed(cfg.device, float(cfg.dist_timeout_s), comm_choice=str(cfg.comm))
             except USER_ERRORS as err:
                 raise UserError(str(err)) from err
-            log.info("rank %d/%d on %s", d.rank, d.world_size, d.device)
+            log.info("rank %d/%d on %s (pid %d, collectives: %s)", d.rank, d.world_size, d.device, os.getpid(),
+                     type(comm.current()).__name__ if d.world_size > 1 else "none")
             cls._current = cls(d)
         return cls._current
 

@@ -35,7 +35,7 @@ class Generation:
 def choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
     """Next token per row of logits [B, V]."""
     if sampling.temperature <= 0:
-        return logits.argmax(dim=-1)
+        return torch.max(logits, dim=-1).indices  # first maximum, as argmax; 4x faster on bfloat16 CPU
     logits = logits.float() / sampling.temperature
     if sampling.top_k > 0:
         kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1])).values[:, -1:]
@@ -80,6 +80,7 @@ def generate(model: InternLM, prompts: list[list[int]], max_new_tokens: int, eos
     capacity = width + max_new_tokens
     model.setup_cache(len(prompts), capacity)
     ids, valid, positions, mask, lengths = prefill_inputs(prompts, pad_id, capacity, device)
+    padded = len({len(p) for p in prompts}) > 1  # else no mask at all: SDPA's causal fast path
     broadcast = sampling.temperature > 0 and dist.is_initialized() and dist.get_world_size() > 1
 
     def pick(logits):
@@ -90,7 +91,7 @@ def generate(model: InternLM, prompts: list[list[int]], max_new_tokens: int, eos
 
     synchronize(device)
     t0 = time.perf_counter()
-    token = pick(model(ids, positions, mask, 0))
+    token = pick(model(ids, positions, mask if padded else None, 0))
     synchronize(device)
     first_ms = (time.perf_counter() - t0) * 1e3
 
@@ -112,7 +113,7 @@ def generate(model: InternLM, prompts: list[list[int]], max_new_tokens: int, eos
         valid[:, slot] = True
         pos = (lengths + step - 1).unsqueeze(1)
         tb = clock()
-        logits = model(token.unsqueeze(1), pos, valid[:, None, None, : slot + 1], slot)
+        logits = model(token.unsqueeze(1), pos, valid[:, None, None, : slot + 1] if padded else None, slot)
         tc = clock()
         token = pick(logits).masked_fill(finished, eos_id)
         out.append(token)
@@ -135,4 +136,5 @@ def next_token_logits(model: InternLM, prompts: list[list[int]], pad_id: int = 0
     width = max(len(p) for p in prompts)
     model.setup_cache(len(prompts), width)
     ids, _, positions, mask, _ = prefill_inputs(prompts, pad_id, width, model.device)
-    return model(ids, positions, mask, 0)[:, -1].float()
+    padded = len({len(p) for p in prompts}) > 1
+    return model(ids, positions, mask if padded else None, 0)[:, -1].float()

@@ -81,7 +81,9 @@ class Attention(nn.Module):
         q, k, v = self.qkv_proj(x).view(b, t, 3, self.local_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = self.cache.update(start, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(self.head_dim))
+        # mask None: no padding in the batch, so plain causal attention (SDPA's faster path).
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
+                                           scale=1.0 / math.sqrt(self.head_dim))
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.local_heads * self.head_dim))
 
 
@@ -173,7 +175,8 @@ class InternLM(nn.Module):
         """Logits for `ids` [B, T] written at cache slots [start, start+T).
 
         positions [B, T]: rotary positions (left padding makes them differ from the slots);
-        mask [B, 1, T, start+T]: True where a query may attend a key.
+        mask [B, 1, T, start+T]: True where a query may attend a key; None when no sequence is padded
+        (causal attention over slots [0, start+T), which needs start == 0 when T > 1).
         last_only: run only the last position through the LM head (all prefill needs).
         """
         cos = self.rope_cos[positions].unsqueeze(1)
