@@ -51,4 +51,8 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     _keep_non_zero_ranks_out_of_the_output_dir()
-    main()
+    try:
+        main()
+    finally:
+        if sys.exc_info()[0] is None:  # a failing rank leaves at once; torchrun ends the others
+            Session.close()

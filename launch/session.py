@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig
 
 from tp import comm
@@ -47,6 +48,15 @@ class Session:
                      type(comm.current()).__name__ if d.world_size > 1 else "none")
             cls._current = cls(d)
         return cls._current
+
+    @classmethod
+    def close(cls) -> None:
+        """Leave the process group together: a rank that exits while another still talks to the
+        rendezvous store (hosted by one node) makes that one fail at its own exit."""
+        if cls._current is not None and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+        cls._current = None
 
     def model(self, path: str, dtype: str) -> tuple[InternLM, Tokenizer]:
         key = (path, dtype)

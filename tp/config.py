@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 _REQUIRED_INTS = ("hidden_size", "intermediate_size", "num_attention_heads",
                   "num_hidden_layers", "vocab_size", "max_position_embeddings")
+
+
+def _positive_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
 class ConfigError(ValueError):
@@ -48,7 +53,7 @@ class ModelConfig:
             raise ConfigError(f"{source}: hidden_size {raw['hidden_size']} is not a multiple of "
                               f"num_attention_heads {raw['num_attention_heads']}")
         eps = raw.get("rms_norm_eps", 1e-6)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
+        if not _positive_number(eps):
             raise ConfigError(f"{source}: rms_norm_eps must be a positive number, got {eps!r}")
         bias = raw.get("bias", True)
         if not isinstance(bias, bool):
@@ -60,14 +65,21 @@ class ModelConfig:
                 raise ConfigError(f"{source}: rotary must be an object, got {rotary!r}")
             theta = rotary.get("base", theta)
             dynamic = rotary.get("type") == "dynamic"
-        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
+        if not _positive_number(theta):
             raise ConfigError(f"{source}: rope base must be a positive number, got {theta!r}")
+        special = {}
+        for key, default in (("bos_token_id", 1), ("eos_token_id", 2)):
+            value = raw.get(key, default)
+            value = default if value is None else value  # some configs write null for an unused id
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{source}: {key} must be a token id (integer >= 0), got {value!r}")
+            special[key] = value
         return cls(
             hidden_size=raw["hidden_size"], intermediate_size=raw["intermediate_size"],
             num_attention_heads=raw["num_attention_heads"], num_hidden_layers=raw["num_hidden_layers"],
             vocab_size=raw["vocab_size"], max_position_embeddings=raw["max_position_embeddings"],
             rms_norm_eps=float(eps), bias=bias, rope_theta=float(theta), rope_dynamic=dynamic,
-            bos_token_id=int(raw.get("bos_token_id", 1)), eos_token_id=int(raw.get("eos_token_id", 2)),
+            **special,
         )
 
     @classmethod
