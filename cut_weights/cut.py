@@ -23,7 +23,8 @@ from tp.checkpoint import CheckpointReader
 from tp.config import ModelConfig
 from tp.load import DTYPES, expected_names
 from tp.partition import FORMAT, MANIFEST, VERSION, rank_dir
-from tp.split import local_shape, shard_bounds, split_of
+from tp.quant import QUANTIZE_CHOICES, is_quantized, quantize_rows, scale_name
+from tp.split import local_shape, pad_rows, shard_bounds, split_of
 
 BLOCK_BYTES = 64 << 20
 _POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="cut")
@@ -41,6 +42,7 @@ class CutOptions:
     world_size: int
     dtype: str = "auto"
     quantize: str = "none"
+    quantize_lm_head: bool = True
     overwrite: bool = False
     max_shard_size: str = "4GB"
     progress: bool = True
@@ -133,8 +135,8 @@ def cut(opts: CutOptions) -> Path:
     src, out, world = Path(opts.input_dir), Path(opts.output_dir), opts.world_size
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
         raise CutError(f"world_size must be a positive integer, got {world!r}")
-    if opts.quantize != "none":
-        raise CutError(f"quantize={opts.quantize!r}: only quantize=none is implemented so far")
+    if opts.quantize not in QUANTIZE_CHOICES:
+        raise CutError(f"quantize={opts.quantize!r}: expected one of {', '.join(QUANTIZE_CHOICES)}")
     if opts.dtype != "auto" and opts.dtype not in DTYPES:
         raise CutError(f"dtype={opts.dtype!r}: expected auto, {', '.join(DTYPES)}")
     shard_limit = parse_size(opts.max_shard_size)
@@ -155,6 +157,10 @@ def cut(opts: CutOptions) -> Path:
     _check_output(out, src, opts.overwrite)
 
     padded = cfg.padded_vocab_size(world)
+
+    def quantized(name: str) -> bool:
+        return is_quantized(name, opts.quantize, opts.quantize_lm_head)
+
     outputs: list[RankOutput] = []
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     for stale in out.parent.glob(f".{out.name}.partial-*") if out.parent.is_dir() else ():
@@ -170,27 +176,35 @@ def cut(opts: CutOptions) -> Path:
             directory.mkdir()
             config = {**source_config, "torch_dtype": str(out_dtype).removeprefix("torch."),
                       "tensor_parallel": {"world_size": world, "rank": r}}
+            if opts.quantize == "int8":
+                config["quantization"] = {"method": "weight_only_int8", "granularity": "per_output_channel",
+                                          "symmetric": True, "lm_head": opts.quantize_lm_head}
             (directory / "config.json").write_text(json.dumps(config, indent=2))
             for file in COPIED_FILES:
                 if (src / file).is_file():
                     shutil.copyfile(src / file, directory / file)
-            plan = [(n, local_shape(n, shapes[n], r, world, padded), out_dtype) for n in names]
+            plan = [entry for n in names for entry in _plan(n, shapes[n], out_dtype, r, world, padded, quantized(n))]
             outputs.append(RankOutput(directory, _shards(plan, shard_limit)))
 
         total = sum(nbytes(shapes[n], reader.dtype(n)) for n in names)
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not opts.progress,
                   desc=f"cut {src.name} for {world} ranks") as bar:
             for name in names:
-                _stream_tensor(reader, name, shapes[name], out_dtype, outputs, world, padded, bar)
+                if quantized(name):
+                    _stream_quantized(reader, name, shapes[name], outputs, world, padded, bar)
+                else:
+                    _stream_tensor(reader, name, shapes[name], out_dtype, outputs, world, padded, bar)
         rank_files = {str(r): {"files": o.finish()} for r, o in enumerate(outputs)}
 
         manifest = {
             "format": FORMAT, "version": VERSION, "world_size": world,
             "vocab_size": cfg.vocab_size, "padded_vocab_size": padded,
             "dtype": str(out_dtype).removeprefix("torch."), "quantize": opts.quantize,
+            "quantize_lm_head": opts.quantize == "int8" and opts.quantize_lm_head,
             "source": {"path": str(src.resolve()), "format": reader.format, "files": reader.file_bytes()},
-            "tensors": {n: {"shape": list(shapes[n]), "split": split_of(n).kind, "split_dim": split_of(n).dim,
-                            "source_dtype": str(reader.dtype(n)).removeprefix("torch.")} for n in names},
+            "tensors": {n: entry for name in names
+                        for n, entry in _manifest_entries(name, shapes[name], reader.dtype(name), out_dtype,
+                                                          quantized(name))},
             "ranks": rank_files,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: marks the cut complete
@@ -201,6 +215,24 @@ def cut(opts: CutOptions) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _plan(name, shape, out_dtype, rank, world, padded, quantized: bool):
+    """The rank's (tensor, local shape, dtype) entries for source tensor `name`."""
+    if not quantized:
+        return [(name, local_shape(name, shape, rank, world, padded), out_dtype)]
+    scale = scale_name(name)
+    return [(name, local_shape(name, shape, rank, world, padded), torch.int8),
+            (scale, local_shape(scale, shape[:1], rank, world, padded), torch.float32)]
+
+
+def _manifest_entries(name, shape, source_dtype, out_dtype, quantized: bool):
+    def entry(n, s, dtype):
+        return n, {"shape": list(s), "split": split_of(n).kind, "split_dim": split_of(n).dim,
+                   "source_dtype": str(source_dtype).removeprefix("torch."), "dtype": str(dtype).removeprefix("torch.")}
+    if not quantized:
+        return [entry(name, shape, out_dtype)]
+    return [entry(name, shape, torch.int8), entry(scale_name(name), shape[:1], torch.float32)]
 
 
 def _unknown(name: str) -> bool:
@@ -247,6 +279,32 @@ def _stream_tensor(reader, name, shape, out_dtype, outputs, world, padded, bar) 
             del block
         bar.update(nbytes((b - a, *shape[1:]), reader.dtype(name)))
     _write_padding(name, shape, out_dtype, outputs, bounds)
+
+
+def _stream_quantized(reader, name, shape, outputs, world, padded, bar) -> None:
+    """int8 rows and per-row scales (tp/quant.py) of a linear weight, quantized block by block:
+    rows are independent, so the bits equal a load-time quantization of the same rows."""
+    bounds = [shard_bounds(name, shape, r, world, padded) for r in range(world)]
+    split = bounds[0][0]
+    rows, row_bytes = shape[0], max(1, nbytes(shape[1:], reader.dtype(name)))
+    step = max(1, BLOCK_BYTES // row_bytes)
+    scales: list[list[torch.Tensor]] = [[] for _ in range(world)]
+    for a in range(0, rows, step):
+        b = min(rows, a + step)
+        with reader.rows(name, a, b) as block:
+            q, s = quantize_rows(block)
+        for r, (_, start, stop, _) in enumerate(bounds):
+            if split.dim == 1:  # row parallel: the rank's columns, every row's scale
+                outputs[r].write(name, q[:, start:stop])
+                scales[r].append(s)
+            elif max(a, start) < min(b, stop):
+                lo, hi = max(a, start) - a, min(b, stop) - a
+                outputs[r].write(name, q[lo:hi])
+                scales[r].append(s[lo:hi])
+        bar.update(nbytes((b - a, *shape[1:]), reader.dtype(name)))
+    _write_padding(name, shape, torch.int8, outputs, bounds)
+    for r, (_, _, _, pad) in enumerate(bounds):
+        outputs[r].write(scale_name(name), pad_rows(torch.cat(scales[r]), 0, pad))
 
 
 def _write_padding(name, shape, out_dtype, outputs, bounds) -> None:

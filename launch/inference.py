@@ -27,7 +27,7 @@ def run(cfg: DictConfig, session: Session, out_dir: Path) -> None:
     if not prompts:
         raise UserError("task.prompts is empty: give at least one prompt")
     batch_size, max_new = positive_int(task, "batch_size"), positive_int(task, "max_new_tokens")
-    model, tok = session.model(str(cfg.model.path), str(cfg.dtype))
+    model, tok = session.model_for(cfg)
     limit = model.cfg.max_position_embeddings
     encoded = []
     for text in prompts:

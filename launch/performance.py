@@ -44,7 +44,7 @@ def run(cfg: DictConfig, session: Session, out_dir: Path) -> None:
     task = cfg.task
     grid = list(itertools.product(int_list(task, "batch_size"), int_list(task, "input_len"),
                                   int_list(task, "output_len")))
-    model, tok = session.model(str(cfg.model.path), str(cfg.dtype))
+    model, tok = session.model_for(cfg)
     limit = model.cfg.max_position_embeddings
     for _, n_in, n_out in grid:
         if n_in + n_out > limit:

@@ -107,13 +107,13 @@ def run(cfg: DictConfig, session: Session, out_dir: Path) -> None:
     except ceval.CevalError as err:
         raise UserError(str(err)) from err
 
-    model, tok = session.model(str(cfg.model.path), str(cfg.dtype))
+    model, tok = session.model_for(cfg)
     letter_ids = [tok.piece_id(c) for c in ceval.CHOICES]
     if protocol == "official" and None in letter_ids:
         raise UserError(f"the tokenizer has no piece for {[c for c, i in zip(ceval.CHOICES, letter_ids) if i is None]}: "
                         f"the official protocol reads the logits of the bare letters A, B, C, D")
     rank_files = model_files_dir(cfg.model.path, session.dist.rank)
-    identity = fingerprint(cfg, data_dir, rank_files)
+    identity = {**fingerprint(cfg, data_dir, rank_files), "quantize": model.quantize}
     cache = None
 
     def open_cache():

@@ -58,19 +58,26 @@ class Session:
             dist.destroy_process_group()
         cls._current = None
 
-    def model(self, path: str, dtype: str) -> tuple[InternLM, Tokenizer]:
-        key = (path, dtype)
+    def model(self, path: str, dtype: str, quantize: str = "auto", quantize_lm_head: bool = True
+              ) -> tuple[InternLM, Tokenizer]:
+        key = (path, dtype, quantize, quantize_lm_head)
         if key not in self.models:
             self.models.clear()  # one model resident at a time
             try:
-                model = load_model(path, self.dist.rank, self.dist.world_size, self.dist.device, dtype)
+                model = load_model(path, self.dist.rank, self.dist.world_size, self.dist.device, dtype,
+                                   quantize, quantize_lm_head)
                 tokenizer = Tokenizer(model_files_dir(path, self.dist.rank))
             except USER_ERRORS as err:
                 raise UserError(str(err)) from err
-            log.info("loaded %s: %d layers, %s, rank-local weights %.1f MB", path, model.cfg.num_hidden_layers,
-                     model.dtype, model.weight_bytes() / 1e6)
+            log.info("loaded %s: %d layers, %s activations, %s weights, rank-local weights %.1f MB", path,
+                     model.cfg.num_hidden_layers, model.dtype, model.quantize, model.weight_bytes() / 1e6)
             self.models[key] = (model, tokenizer)
         return self.models[key]
+
+    def model_for(self, cfg) -> tuple[InternLM, Tokenizer]:
+        """The model the composed config names (`model.path`, `dtype`, `model.quantize`)."""
+        return self.model(str(cfg.model.path), str(cfg.dtype), str(cfg.model.get("quantize", "auto")),
+                          bool(cfg.model.get("quantize_lm_head", True)))
 
     def generator(self, seed: int) -> torch.Generator:
         return torch.Generator().manual_seed(int(seed))

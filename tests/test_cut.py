@@ -60,7 +60,8 @@ def test_manifest_and_rank_files(cuts, tiny_ckpt):
     assert manifest["world_size"] == 2 and manifest["vocab_size"] == 4999 and manifest["padded_vocab_size"] == 5000
     assert manifest["source"]["files"] == {p.name: p.stat().st_size for p in tiny_ckpt.glob("*.bin")}
     emb = manifest["tensors"]["model.embed_tokens.weight"]
-    assert emb == {"shape": [4999, 192], "split": "vocab", "split_dim": 0, "source_dtype": "float32"}
+    assert emb == {"shape": [4999, 192], "split": "vocab", "split_dim": 0, "source_dtype": "float32",
+                   "dtype": "float32"}
     assert manifest["tensors"]["model.layers.0.self_attn.o_proj.weight"]["split_dim"] == 1
     assert manifest["tensors"]["model.layers.0.self_attn.o_proj.bias"]["split_dim"] is None
     for r in range(2):

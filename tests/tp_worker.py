@@ -5,7 +5,7 @@ import torch
 
 
 def run_rank(rank: int, world_size: int, port: int, ckpt: str, prompts: list[list[int]],
-             max_new_tokens: int, out_dir: str, dtype: str = "float32") -> None:
+             max_new_tokens: int, out_dir: str, dtype: str = "float32", quantize: str = "auto") -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -14,7 +14,7 @@ def run_rank(rank: int, world_size: int, port: int, ckpt: str, prompts: list[lis
     from tp.load import load_model
 
     d = init_distributed("cpu", timeout_s=120)
-    model = load_model(ckpt, d.rank, d.world_size, d.device, dtype)
+    model = load_model(ckpt, d.rank, d.world_size, d.device, dtype, quantize)
     batched = generate(model, prompts, max_new_tokens, eos_id=2)
     alone = [generate(model, [p], max_new_tokens, eos_id=2).tokens[0] for p in prompts]
     logits = next_token_logits(model, prompts)
@@ -25,10 +25,10 @@ def run_rank(rank: int, world_size: int, port: int, ckpt: str, prompts: list[lis
         torch.distributed.destroy_process_group()
 
 
-def spawn(world_size: int, ckpt, prompts, max_new_tokens, out_dir, dtype="float32") -> list[dict]:
+def spawn(world_size: int, ckpt, prompts, max_new_tokens, out_dir, dtype="float32", quantize="auto") -> list[dict]:
     import torch.multiprocessing as mp
 
     from conftest import free_port
     mp.start_processes(run_rank, args=(world_size, free_port(), str(ckpt), prompts, max_new_tokens,
-                                       str(out_dir), dtype), nprocs=world_size, start_method="spawn")
+                                       str(out_dir), dtype, quantize), nprocs=world_size, start_method="spawn")
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world_size)]

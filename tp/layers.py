@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tp import comm
+from tp.quant import int8_linear
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -29,35 +30,52 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device | str | None) -
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
-class ColumnParallelLinear(nn.Module):
+class _Weight(nn.Module):
+    """A [out, in] weight, float or int8 with per-output-channel scales (`weight_scale`)."""
+
+    def _make_weight(self, rows: int, cols: int, quantized: bool, dtype: torch.dtype, device) -> None:
+        self.quantized = quantized
+        self.weight = _empty(rows, cols, dtype=torch.int8 if quantized else dtype, device=device)
+        self.weight_scale = _empty(rows, dtype=dtype, device=device) if quantized else None
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized:
+            return int8_linear(x, self.weight, self.weight_scale)
+        return linear(x, self.weight)
+
+
+class ColumnParallelLinear(_Weight):
     """y_r = x W_r^T + b_r with W_r = rows [r*out/N, (r+1)*out/N) of W. Several source matrices may be
     stacked into one (fused q/k/v, gate/up): `out_features` is then their total."""
 
     def __init__(self, in_features: int, out_features: int, world_size: int, bias: bool,
-                 dtype: torch.dtype, device=None):
+                 dtype: torch.dtype, device=None, quantized: bool = False):
         super().__init__()
         assert out_features % world_size == 0, (out_features, world_size)
-        self.weight = _empty(out_features // world_size, in_features, dtype=dtype, device=device)
+        self._make_weight(out_features // world_size, in_features, quantized, dtype, device)
         self.bias = _empty(out_features // world_size, dtype=dtype, device=device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        if not self.quantized:
+            return linear(x, self.weight, self.bias)
+        y = self.matmul(x)
+        return y if self.bias is None else y.add_(self.bias)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_Weight):
     """y = sum_r x_r W_r^T + b: each rank multiplies its input shard, the sum is an all-reduce, and the
     bias (whole on every rank) is added once after it."""
 
     def __init__(self, in_features: int, out_features: int, world_size: int, bias: bool,
-                 dtype: torch.dtype, device=None):
+                 dtype: torch.dtype, device=None, quantized: bool = False):
         super().__init__()
         assert in_features % world_size == 0, (in_features, world_size)
         self.world_size = world_size
-        self.weight = _empty(out_features, in_features // world_size, dtype=dtype, device=device)
+        self._make_weight(out_features, in_features // world_size, quantized, dtype, device)
         self.bias = _empty(out_features, dtype=dtype, device=device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight)
+        y = self.matmul(x)  # int8: each rank's partial sum is already scaled (scales are per output)
         if self.world_size > 1:
             comm.current().all_reduce(y)
         return y if self.bias is None else y.add_(self.bias)
@@ -65,40 +83,48 @@ class RowParallelLinear(nn.Module):
 
 class VocabParallelEmbedding(nn.Module):
     """Rank r holds token rows [r*V'/N, (r+1)*V'/N) of the embedding, V' the vocab padded to a multiple
-    of N. Ids outside the slice look up zeros, so the all-reduce sums exactly one real row per token."""
+    of N. Ids outside the slice look up zeros, so the all-reduce sums exactly one real row per token.
+    int8: each row has its own scale, applied after the lookup."""
 
     def __init__(self, padded_vocab: int, hidden: int, rank: int, world_size: int,
-                 dtype: torch.dtype, device=None):
+                 dtype: torch.dtype, device=None, quantized: bool = False):
         super().__init__()
-        self.world_size = world_size
+        self.world_size, self.quantized, self.dtype = world_size, quantized, dtype
         self.per_rank = padded_vocab // world_size
         self.start = rank * self.per_rank
-        self.weight = _empty(self.per_rank, hidden, dtype=dtype, device=device)
+        self.weight = _empty(self.per_rank, hidden, dtype=torch.int8 if quantized else dtype, device=device)
+        self.weight_scale = _empty(self.per_rank, dtype=dtype, device=device) if quantized else None
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.weight)
+        if self.quantized:
+            rows = rows.to(self.dtype) * self.weight_scale[ids].unsqueeze(-1)
+        return rows
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
-            return F.embedding(ids, self.weight)
+            return self._lookup(ids)
         local = ids - self.start
         outside = (local < 0) | (local >= self.per_rank)
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = self._lookup(local.masked_fill(outside, 0))
         out.masked_fill_(outside.unsqueeze(-1), 0)
         comm.current().all_reduce(out)
         return out
 
 
-class ParallelLMHead(nn.Module):
+class ParallelLMHead(_Weight):
     """Logits for this rank's vocabulary slice, gathered from all ranks; the zero padding rows are cut
     off, so every rank ends with the same [..., vocab_size] logits."""
 
     def __init__(self, hidden: int, padded_vocab: int, vocab_size: int, world_size: int,
-                 dtype: torch.dtype, device=None):
+                 dtype: torch.dtype, device=None, quantized: bool = False):
         super().__init__()
         self.world_size = world_size
         self.vocab_size = vocab_size
-        self.weight = _empty(padded_vocab // world_size, hidden, dtype=dtype, device=device)
+        self._make_weight(padded_vocab // world_size, hidden, quantized, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        local = linear(x, self.weight)
+        local = self.matmul(x)
         if self.world_size == 1:
             return local[..., : self.vocab_size]
         return comm.current().all_gather(local)[..., : self.vocab_size]

@@ -68,12 +68,13 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, world_size: int, dtype: torch.dtype, device=None):
+    def __init__(self, cfg: ModelConfig, world_size: int, dtype: torch.dtype, device=None, int8: bool = False):
         super().__init__()
         self.local_heads = cfg.num_attention_heads // world_size
         self.head_dim = cfg.head_dim
-        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, world_size, cfg.bias, dtype, device)
-        self.o_proj = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, world_size, cfg.bias, dtype, device)
+        h = cfg.hidden_size
+        self.qkv_proj = ColumnParallelLinear(h, 3 * h, world_size, cfg.bias, dtype, device, quantized=int8)
+        self.o_proj = RowParallelLinear(h, h, world_size, cfg.bias, dtype, device, quantized=int8)
         self.cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask, start: int):
@@ -88,10 +89,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, world_size: int, dtype: torch.dtype, device=None):
+    def __init__(self, cfg: ModelConfig, world_size: int, dtype: torch.dtype, device=None, int8: bool = False):
         super().__init__()
-        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, 2 * cfg.intermediate_size, world_size, False, dtype, device)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, world_size, False, dtype, device)
+        h, inter = cfg.hidden_size, cfg.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(h, 2 * inter, world_size, False, dtype, device, quantized=int8)
+        self.down_proj = RowParallelLinear(inter, h, world_size, False, dtype, device, quantized=int8)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -99,12 +101,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, world_size: int, dtype: torch.dtype, device=None):
+    def __init__(self, cfg: ModelConfig, world_size: int, dtype: torch.dtype, device=None, int8: bool = False):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.self_attn = Attention(cfg, world_size, dtype, device)
+        self.self_attn = Attention(cfg, world_size, dtype, device, int8)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.mlp = MLP(cfg, world_size, dtype, device)
+        self.mlp = MLP(cfg, world_size, dtype, device, int8)
 
     def forward(self, x, cos, sin, mask, start: int):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, start)
@@ -112,36 +114,46 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig, rank: int, world_size: int, dtype: torch.dtype, device=None):
+    def __init__(self, cfg: ModelConfig, rank: int, world_size: int, dtype: torch.dtype, device=None,
+                 int8: bool = False):
         super().__init__()
         padded = cfg.padded_vocab_size(world_size)
-        self.embed_tokens = VocabParallelEmbedding(padded, cfg.hidden_size, rank, world_size, dtype, device)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, world_size, dtype, device) for _ in range(cfg.num_hidden_layers))
+        self.embed_tokens = VocabParallelEmbedding(padded, cfg.hidden_size, rank, world_size, dtype, device, int8)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, world_size, dtype, device, int8)
+                                    for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
 
 
 class InternLM(nn.Module):
-    """Parameter names mirror the checkpoint's, except the fused `qkv_proj` and `gate_up_proj`."""
+    """Parameter names mirror the checkpoint's, except the fused `qkv_proj` and `gate_up_proj`.
+
+    quantize="int8": the linear layers, the embedding (and the LM head unless quantize_lm_head=False)
+    hold int8 weights with per-row `weight_scale` (tp/quant.py); `dtype` is then the activations'.
+    """
 
     def __init__(self, cfg: ModelConfig, rank: int = 0, world_size: int = 1,
-                 dtype: torch.dtype = torch.float32, device=None):
+                 dtype: torch.dtype = torch.float32, device=None, quantize: str = "none",
+                 quantize_lm_head: bool = True):
         super().__init__()
         cfg.check_divisible(world_size)
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.model = Backbone(cfg, rank, world_size, dtype, device)
+        self.quantize, self.quantize_lm_head = quantize, quantize == "int8" and quantize_lm_head
+        int8 = quantize == "int8"
+        self.model = Backbone(cfg, rank, world_size, dtype, device, int8)
         self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.padded_vocab_size(world_size), cfg.vocab_size,
-                                      world_size, dtype, device)
+                                      world_size, dtype, device, quantized=self.quantize_lm_head)
         self.max_seq = 0
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        """The activations' dtype (int8 weights keep their scales in it)."""
+        return self.model.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.norm.weight.device
 
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())
@@ -149,8 +161,9 @@ class InternLM(nn.Module):
     def decode_weight_bytes(self, batch: int) -> int:
         """Bytes of this rank's weights one decode step reads: every matrix once, and of the
         embedding only the `batch` rows looked up."""
-        emb = self.model.embed_tokens.weight
-        return self.weight_bytes() - emb.numel() * emb.element_size() + batch * emb.shape[1] * emb.element_size()
+        emb = self.model.embed_tokens
+        table = sum(p.numel() * p.element_size() for p in emb.parameters())
+        return self.weight_bytes() - table + batch * table // emb.weight.shape[0]
 
     def cache_bytes(self) -> int:
         cache = self.model.layers[0].self_attn.cache

@@ -33,6 +33,12 @@ SPLIT_TABLE: tuple[tuple[re.Pattern, Split], ...] = tuple((re.compile(p), s) for
     (r"^model\.norm\.weight$", REPLICATED),
     (r"^model\.embed_tokens\.weight$", VOCAB),
     (r"^lm_head\.weight$", VOCAB),
+    # Per-output-channel int8 scales (tp/quant.py) follow their weight's rows; a row-parallel
+    # weight keeps all its rows on every rank, so its scales are whole.
+    (r"^model\.layers\.\d+\.self_attn\.[qkv]_proj\.weight_scale$", COLUMN),
+    (r"^model\.layers\.\d+\.mlp\.(gate|up)_proj\.weight_scale$", COLUMN),
+    (r"^model\.layers\.\d+\.(self_attn\.o_proj|mlp\.down_proj)\.weight_scale$", REPLICATED),
+    (r"^(lm_head|model\.embed_tokens)\.weight_scale$", VOCAB),
 ))
 
 # Buffers some published `.bin` files carry that hold nothing a loader needs.

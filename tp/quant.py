@@ -1,0 +1,62 @@
+"""Weight-only int8: symmetric, one scale per output channel (row) of every linear weight, and per
+token row of the embedding.
+
+w ~= q * scale[:, None], q = round(w / scale) in [-127, 127], scale = max|w_row| / 127 (1 for an
+all-zero row). Rows are independent, so the cutter (row blocks) and the loader (a rank's rows, or
+full rows for row-parallel weights, whose per-row scales need every column) get the same bits.
+Scales travel as `<weight name>_scale` tensors, split by the same table as everything else:
+column-parallel scales with their rows, row-parallel scales whole (scaling commutes with the sum).
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+
+QUANTIZE_CHOICES = ("none", "int8")
+_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
+_LM_HEAD = "lm_head.weight"
+_EMBEDDING = "model.embed_tokens.weight"  # per-row int8 too: a lookup reads one row and its scale
+
+
+def check_choice(quantize: str) -> None:
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize={quantize!r}: expected one of {', '.join(QUANTIZE_CHOICES)}")
+
+
+def is_quantized(name: str, quantize: str, lm_head: bool = True) -> bool:
+    """Whether source weight `name` is stored as int8 + scales under this setting."""
+    return quantize == "int8" and (bool(_LINEAR.match(name)) or name == _EMBEDDING or (lm_head and name == _LM_HEAD))
+
+
+def scale_name(name: str) -> str:
+    return name + "_scale"
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weights, float32 per-row scales) of a [rows, cols] weight (any float dtype)."""
+    w = w.float()
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x @ (q * scale[:, None]).T without materialising the float weight where a kernel allows.
+
+    CPU: torch._weight_int8pack_mm with bfloat16 activations (the kernel's fast path; other dtypes
+    are cast there and back). NPU: torch_npu.npu_weight_quant_batchmatmul when the installed
+    torch_npu has it. Elsewhere (CUDA): dequantise in the matmul, which torch.compile can fuse.
+    """
+    lead, k = x.shape[:-1], x.shape[-1]
+    if x.device.type == "cpu":
+        y = torch._weight_int8pack_mm(x.reshape(-1, k).to(torch.bfloat16), q, scale.to(torch.bfloat16))
+        return y.view(*lead, q.shape[0]).to(x.dtype)
+    if x.device.type == "npu":
+        import torch_npu
+        if hasattr(torch_npu, "npu_weight_quant_batchmatmul"):
+            y = torch_npu.npu_weight_quant_batchmatmul(x.reshape(-1, k), q.t(), scale.to(x.dtype))
+            return y.view(*lead, q.shape[0])
+    return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
