@@ -9,6 +9,9 @@ On an InternLM-shaped model of >= 500M parameters (hidden 2048, 8 layers, 16 hea
 in float32 and bfloat16, plus the first-token time at input 512 against transformers.
 Bars (issue 5): ours TP=1 within 1.1x of the roofline; >= 1.15x transformers' tokens/s in float32,
 >= 1.2x in bfloat16; TP=2 >= 0.9x TP=1; prefill at 512 no slower than transformers.
+Then weight-only int8 (issue 7, bfloat16 activations) at TP=1 and TP=2, GB/s on the bytes actually
+read (int8 + scales): >= 2.0x transformers float32 and >= 1.25x our bfloat16 in tokens/s, and
+partition bytes on disk <= 0.3x float32's.
 
     python bench/decode.py [--dtypes float32,bfloat16] [--new-tokens 32] [--workdir DIR]
 """
@@ -111,7 +114,7 @@ def worker_hf(ckpt: str, dtype: str, threads: int, new_tokens: int) -> dict:
     return {"next_token_ms": (many - one) * 1e3 / new_tokens, "prefill_512_ms": prefill * 1e3}
 
 
-def worker_ours(ckpt: str, dtype: str, threads: int, new_tokens: int) -> dict:
+def worker_ours(ckpt: str, dtype: str, threads: int, new_tokens: int, quantize: str = "none") -> dict:
     import torch
     import torch.distributed as dist
 
@@ -120,7 +123,7 @@ def worker_ours(ckpt: str, dtype: str, threads: int, new_tokens: int) -> dict:
     from tp.load import load_model
     _threads(threads)
     d = init_distributed("cpu", timeout_s=600)
-    model = load_model(ckpt, d.rank, d.world_size, d.device, dtype)
+    model = load_model(ckpt, d.rank, d.world_size, d.device, dtype, quantize)
     prompt = [_prompt(PROMPT_LEN, SHAPE["vocab_size"])]
     generate(model, prompt, 4, eos_id=-1)  # warm-up
     nxt = min(generate(model, prompt, 1 + new_tokens, eos_id=-1).next_token_ms for _ in range(2))
@@ -136,7 +139,20 @@ def worker_ours(ckpt: str, dtype: str, threads: int, new_tokens: int) -> dict:
             "decode_bytes": model.decode_weight_bytes(1) * d.world_size}
 
 
-WORKERS = {"build": worker_build, "probe": worker_probe, "hf": worker_hf, "ours": worker_ours}
+def worker_cut_bytes(ckpt: str, out: str) -> dict:
+    """Partition bytes on disk of a float32 cut and of an int8 cut (bfloat16 for what stays float)."""
+    from cut_weights import CutOptions, cut
+    sizes = {}
+    for label, opts in (("float32", {}), ("int8", {"quantize": "int8", "dtype": "bfloat16"})):
+        target = Path(out) / label
+        cut(CutOptions(ckpt, str(target), 1, overwrite=True, progress=False, **opts))
+        sizes[label] = sum(p.stat().st_size for p in target.glob("rank_*/*.safetensors"))
+        shutil.rmtree(target)
+    return sizes
+
+
+WORKERS = {"build": worker_build, "probe": worker_probe, "hf": worker_hf, "ours": worker_ours,
+           "cut_bytes": worker_cut_bytes}
 
 
 # -- driver ---------------------------------------------------------------------------------------
@@ -153,11 +169,36 @@ def call(worker: str, *args, world_size: int = 1, threads: int = 2) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def int8_rows(ckpt: Path, work: Path, new_tokens: int, seen: dict) -> None:
+    """Weight-only int8 (bfloat16 activations) against transformers float32 and our bfloat16."""
+    tp1 = call("ours", ckpt, "bfloat16", 2, new_tokens, "int8", threads=2)
+    tp2 = call("ours", ckpt, "bfloat16", 1, new_tokens, "int8", world_size=2, threads=1)
+    sizes = call("cut_bytes", ckpt, work / "cuts")
+    print(f"\n== int8 weights (per output channel) + bfloat16 activations, batch 1, prompt {PROMPT_LEN}, "
+          f"{new_tokens} new tokens ==")
+    print(f"{'':28}{'next token ms':>14}{'tokens/s':>10}{'GB/s read':>11}")
+    for label, r in (("ours int8 TP=1 (2 threads)", tp1), ("ours int8 TP=2 (1 thread each)", tp2)):
+        ms = r["next_token_ms"]
+        print(f"{label:28}{ms:14.2f}{1e3 / ms:10.2f}{r['decode_bytes'] / ms / 1e6:11.1f}")
+    checks = []
+    if "float32" in seen:
+        checks.append(("int8 TP=1 / transformers float32 tokens/s", seen["float32"][0]["next_token_ms"] / tp1["next_token_ms"], 2.0))
+    if "bfloat16" in seen:
+        checks.append(("int8 TP=1 / ours bfloat16 TP=1 tokens/s", seen["bfloat16"][1]["next_token_ms"] / tp1["next_token_ms"], 1.25))
+    for label, value, bar in checks:
+        print(f"  {label:44} {value:6.3f}  (bar >= {bar})  {'PASS' if value >= bar else 'FAIL'}")
+    ratio = sizes["int8"] / sizes["float32"]
+    print(f"  partition bytes int8 / float32: {sizes['int8'] / 1e9:.2f} / {sizes['float32'] / 1e9:.2f} GB = "
+          f"{ratio:.3f}  (bar <= 0.3)  {'PASS' if ratio <= 0.3 else 'FAIL'}")
+    print(f"  memory int8 TP=1 rank 0: RSS {tp1['rank_rss'] / 1e9:.2f} GB vs weights {tp1['rank_weights'] / 1e9:.2f} GB")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--no-int8", action="store_true")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -175,11 +216,13 @@ def main() -> None:
         if not (ckpt / "config.json").is_file():
             built = call("build", ckpt)
             print(f"checkpoint: InternLM-shaped {SHAPE}, {built['bytes'] / 1e9:.2f} GB float32")
+        seen = {}
         for dtype in args.dtypes.split(","):
             probe = call("probe", ckpt, dtype, 2, threads=2)
             hf = call("hf", ckpt, dtype, 2, args.new_tokens, threads=2)
             tp1 = call("ours", ckpt, dtype, 2, args.new_tokens, threads=2)
             tp2 = call("ours", ckpt, dtype, 1, args.new_tokens, world_size=2, threads=1)
+            seen[dtype] = (hf, tp1)
             bw = max(probe.values())
             roof_ms = tp1["decode_bytes"] / bw / 1e6
             print(f"\n== {dtype}, batch 1, prompt {PROMPT_LEN}, {args.new_tokens} new tokens, 2 cores ==")
@@ -205,6 +248,8 @@ def main() -> None:
             for label, r, n in (("TP=1", tp1, 1), ("TP=2", tp2, 2)):
                 print(f"  memory {label} rank 0: RSS {r['rank_rss'] / 1e9:.2f} GB vs weights/N {r['rank_weights'] / 1e9:.2f} GB"
                       f" + KV cache {r['rank_cache'] / 1e6:.1f} MB")
+        if not args.no_int8:
+            int8_rows(ckpt, work, args.new_tokens, seen)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

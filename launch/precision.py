@@ -129,7 +129,7 @@ def run(cfg: DictConfig, session: Session, out_dir: Path) -> None:
     context = model.cfg.max_position_embeddings
     bar = tqdm(total=len(pending), unit="q", desc=f"C-Eval {protocol}", disable=not session.dist.is_main)
     for batch in batches(pending, batch_size):
-        prompts = [_encode(tok, protocol, mapping, dev[q.subject], q, context) for q in batch]
+        prompts = [encode_prompt(tok, protocol, mapping, dev[q.subject], q, context) for q in batch]
         if protocol == "official":
             logits = next_token_logits(model, prompts)[:, letter_ids]
             predictions = [ceval.CHOICES[i] for i in logits.argmax(dim=-1).tolist()]
@@ -153,7 +153,7 @@ def run(cfg: DictConfig, session: Session, out_dir: Path) -> None:
                  protocol, shots, len(rows), len(subject_acc), result_dir)
 
 
-def _encode(tok, protocol: str, mapping, shots: list, question, context: int) -> list[int]:
+def encode_prompt(tok, protocol: str, mapping, shots: list, question, context: int) -> list[int]:
     """Token ids of the question's prompt, shots dropped from the end until it fits."""
     if protocol == "official":
         info = mapping[question.subject]
