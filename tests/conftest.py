@@ -43,6 +43,16 @@ def tiny_ckpt(tmp_path_factory, ceval_dir) -> Path:
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "internlm-tiny", ceval_dir)
 
 
+class FileCreatingPayload:
+    """Pickles to a call of open(path, "w"): loading it with plain pickle would create the file."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
 def read_full_state(ckpt: Path) -> dict[str, torch.Tensor]:
     index = json.loads((ckpt / "pytorch_model.bin.index.json").read_text())
     sd = {}

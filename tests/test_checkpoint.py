@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import read_full_state
+from conftest import FileCreatingPayload, read_full_state
 from tp.checkpoint import CheckpointError, CheckpointReader, read_shard
 from tp.config import ModelConfig
 from tp.load import expected_names, load_model
@@ -83,14 +83,9 @@ def test_every_layout_loads_the_same_model(layouts):
 
 def test_unsafe_pickle_is_refused_and_not_executed(tiny_ckpt, tmp_path):
     marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
     bad = tmp_path / "evil"
     _copy_meta(tiny_ckpt, bad)
-    torch.save({"model.norm.weight": torch.ones(2), "x": Evil()}, bad / "pytorch_model.bin")
+    torch.save({"model.norm.weight": torch.ones(2), "x": FileCreatingPayload(marker)}, bad / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="arbitrary unpickling"):
         CheckpointReader(bad)
     assert not marker.exists(), "the pickle's code ran"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import PROMPTS, ROOT, read_full_state
+from conftest import PROMPTS, ROOT, FileCreatingPayload, read_full_state
 from cut_weights import CutError, CutOptions, cut
 from cut_weights.__main__ import main as cli
 from tp.checkpoint import CheckpointError, CheckpointReader
@@ -164,16 +164,11 @@ def test_unwritable_output_refused(tiny_ckpt, tmp_path):
 
 def test_executable_pickle_refused_and_not_executed(tiny_ckpt, tmp_path):
     marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
     bad = tmp_path / "bad"
     shutil.copytree(tiny_ckpt, bad)
     shard = "pytorch_model-00002-of-00003.bin"
     state = torch.load(bad / shard, weights_only=True)
-    torch.save({**state, "model.layers.1.mlp.payload": Evil()}, bad / shard)
+    torch.save({**state, "model.layers.1.mlp.payload": FileCreatingPayload(marker)}, bad / shard)
     with pytest.raises(CheckpointError, match="refused: loading it needs arbitrary unpickling"):
         cut(CutOptions(str(bad), str(tmp_path / "out"), 2, progress=False))
     assert not marker.exists() and not (tmp_path / "out").exists()
