@@ -39,12 +39,14 @@ def read_until(proc: subprocess.Popen, pattern: str, timeout: float = 120) -> tu
 
 
 def test_a_rank_killed_mid_decode_ends_the_run_naming_it(tiny_ckpt, tmp_path):
+    # 8 prompts of 1900 tokens one after the other: tens of seconds of decoding on any machine
     proc = start(2, f"model.path={tiny_ckpt}", f"hydra.run.dir={tmp_path}", "task.max_new_tokens=1900",
-                 "task.warmup_tokens=0", 'task.prompts=["你好","中国"]', "task.batch_size=2")
+                 "task.warmup_tokens=0", "task.prompts=" + json.dumps(["你好", "中国"] * 4, ensure_ascii=False),
+                 "task.batch_size=1")
     try:
         seen, match = read_until(proc, r"rank 1/2 on cpu \(pid (\d+)")
         read_until(proc, r"rank 1\]\[INFO\] loaded")
-        time.sleep(3)  # well into the 1900-token decode
+        time.sleep(3)  # well into the decoding
         assert proc.poll() is None, "the run ended before the kill"
         os.kill(int(match.group(1)), signal.SIGKILL)
         killed_at = time.time()
@@ -60,7 +62,7 @@ def test_a_rank_killed_mid_decode_ends_the_run_naming_it(tiny_ckpt, tmp_path):
 
 def test_precision_killed_and_rerun_gives_the_uninterrupted_cache(tiny_ckpt, ceval_dir, tmp_path):
     args = [f"model.path={tiny_ckpt}", "task=precision", "task.subjects=[middle_school_geography,discrete_mathematics]",
-            "task.batch_size=2", f"task.data_dir={ceval_dir}"]
+            "task.batch_size=1", f"task.data_dir={ceval_dir}"]
     whole = tmp_path / "whole"
     assert torchrun(2, *args, f"hydra.run.dir={whole}").returncode == 0
     killed = tmp_path / "killed"
