@@ -20,7 +20,7 @@ def _rank(rank, world, port, out, choice, skip_rank):
     c = comm.current()
     g = torch.Generator().manual_seed(rank)
     small = torch.randn(1, 1, 192, generator=g)
-    big = torch.randn(600, 1000, generator=g)  # 2.4 MB: above the shared-memory slot, through gloo
+    big = torch.randn(1500, 1000, generator=g)  # 6 MB: two pieces through the 4 MB shared-memory slot
     bf16 = torch.randn(3, 64, generator=g).bfloat16()
     result = {"kind": type(c).__name__}
     if rank == skip_rank:  # a peer that never reaches the collective
@@ -45,6 +45,7 @@ def _rank(rank, world, port, out, choice, skip_rank):
     result["all_reduce"] = {n: c.all_reduce(x.clone()) for n, x in inputs.items()}
     result["reference"] = reference
     result["gather"] = c.all_gather(torch.full((2, 3), float(rank)))
+    result["big_gather"] = c.all_gather(torch.full((2, 700_000), float(rank)))  # 5.6 MB: in pieces
     result["repeat"] = [c.all_reduce(torch.full((4,), float(rank + i))) for i in range(50)]
     torch.save(result, os.path.join(out, f"{rank}.pt"))
 
@@ -67,6 +68,7 @@ def test_shared_memory_collectives_equal_gloo(world, tmp_path):
             torch.testing.assert_close(y.double(), exact, rtol=tol, atol=1e-6)
             assert torch.equal(y, ranks[0]["all_reduce"][name]), "every rank holds the same bits"
         assert torch.equal(r["gather"], torch.cat([torch.full((2, 3), float(q)) for q in range(world)], dim=-1))
+        assert torch.equal(r["big_gather"], torch.cat([torch.full((2, 700_000), float(q)) for q in range(world)], -1))
         expected = [torch.full((4,), float(sum(q + i for q in range(world)))) for i in range(50)]
         assert all(torch.equal(a, b) for a, b in zip(r["repeat"], expected)), "consecutive collectives stay apart"
 

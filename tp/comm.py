@@ -4,7 +4,8 @@ Default: torch.distributed on the process group (HCCL, NCCL or gloo). On the CPU
 one host, gloo's TCP round trips cost ~0.5 ms per all-reduce of one token's hidden state here, 18
 times per decode step; `SharedMemoryComm` replaces them for small messages with a copy into a
 /dev/shm buffer that all ranks map, a flag per rank, and a sum every rank computes in the same
-order (so all ranks hold bit-identical results). Large messages (prefill) still go through gloo.
+order (so all ranks hold bit-identical results). Messages larger than a slot (a prefill's
+activations) go through it piece by piece.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ class DistComm:
 
 
 class SharedMemoryComm(DistComm):
-    """Same-host CPU ranks: collectives through shared memory, falling back to gloo above `max_bytes`.
+    """Same-host CPU ranks: collectives through shared memory, in pieces of at most `max_bytes`.
 
     Layout: two slots (alternating between consecutive collectives, so a rank may start the next one
     while a slower rank still reads the last) x world_size rows of `max_bytes`, and one int64
@@ -40,7 +41,7 @@ class SharedMemoryComm(DistComm):
     core, and gives up after `timeout_s` naming the ranks that never arrived.
     """
 
-    def __init__(self, rank: int, world_size: int, max_bytes: int = 1 << 20, timeout_s: float = 300.0):
+    def __init__(self, rank: int, world_size: int, max_bytes: int = 4 << 20, timeout_s: float = 300.0):
         self.rank, self.world_size, self.max_bytes, self.timeout_s = rank, world_size, max_bytes, timeout_s
         name = [f"/dev/shm/internlm-tp-{uuid.uuid4().hex}" if rank == 0 else None]
         dist.broadcast_object_list(name, src=0)
@@ -60,17 +61,19 @@ class SharedMemoryComm(DistComm):
         self.flags = raw[data_bytes:].view(torch.int64)
         self.seq = 0
 
-    def _exchange(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Publish x; return a [world_size, *x.shape] view of every rank's copy, or None if too big."""
-        nbytes = x.numel() * x.element_size()
-        if nbytes > self.max_bytes:
-            return None
+    def _exchange(self, piece: torch.Tensor) -> torch.Tensor:
+        """Publish a flat piece of at most max_bytes; a [world_size, n] view of every rank's copy."""
         self.seq += 1
-        rows = self.data[self.seq % 2, :, :nbytes]
-        rows[self.rank].copy_(x.contiguous().view(-1).view(torch.uint8))
+        rows = self.data[self.seq % 2, :, : piece.numel() * piece.element_size()]
+        rows[self.rank].copy_(piece.view(torch.uint8))
         self.flags[self.rank] = self.seq  # after the copy: x86 keeps stores in order
         self._wait()
-        return rows.view(x.dtype).view(self.world_size, *x.shape)
+        return rows.view(piece.dtype)
+
+    def _pieces(self, flat: torch.Tensor):
+        step = self.max_bytes // flat.element_size()
+        for a in range(0, flat.numel(), step):
+            yield a, flat[a:a + step]
 
     def _wait(self) -> None:
         deadline, spins = None, 0
@@ -86,17 +89,19 @@ class SharedMemoryComm(DistComm):
                                        f"{self.timeout_s:.0f} s: a peer process died or hangs")
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        parts = self._exchange(x)
-        if parts is None:
-            return super().all_reduce(x)
-        torch.sum(parts, dim=0, out=x) if x.is_contiguous() else x.copy_(parts.sum(dim=0))
+        flat = x.contiguous().view(-1)
+        for _, piece in self._pieces(flat):  # a prefill's activations go slot by slot
+            torch.sum(self._exchange(piece), dim=0, out=piece)
+        if flat.data_ptr() != x.data_ptr():
+            x.copy_(flat.view(x.shape))
         return x
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
-        parts = self._exchange(x)
-        if parts is None:
-            return super().all_gather(x)
-        return torch.cat(list(parts), dim=-1)
+        flat = x.contiguous().view(-1)
+        out = torch.empty(self.world_size, flat.numel(), dtype=x.dtype, device=x.device)
+        for a, piece in self._pieces(flat):
+            out[:, a:a + piece.numel()] = self._exchange(piece)
+        return torch.cat(list(out.view(self.world_size, *x.shape)), dim=-1)
 
 
 def shared_memory_possible(kind: str, world_size: int) -> bool:
@@ -114,7 +119,20 @@ def setup(choice: str, kind: str, rank: int, world_size: int, timeout_s: float) 
     possible = shared_memory_possible(kind, world_size)
     if choice == "shm" and not possible:
         raise ValueError("comm=shm needs CPU ranks on one x86 host with /dev/shm; use comm=auto or dist")
-    use(SharedMemoryComm(rank, world_size, timeout_s=timeout_s) if possible and choice != "dist" else DistComm())
+    if not possible or choice == "dist":
+        use(DistComm())
+        return current()
+    # Slots of up to 4 MB, but never more than a quarter of what /dev/shm has free (containers often
+    # give it 64 MB); every rank must agree, so rank 0's figure is used.
+    free = os.statvfs("/dev/shm")
+    size = [min(4 << 20, free.f_bavail * free.f_frsize // (4 * 2 * world_size)) // 4096 * 4096]
+    dist.broadcast_object_list(size, src=0)
+    if size[0] < 64 << 10:
+        if choice == "shm":
+            raise ValueError(f"comm=shm: /dev/shm has too little free space ({free.f_bavail * free.f_frsize} bytes)")
+        use(DistComm())
+    else:
+        use(SharedMemoryComm(rank, world_size, max_bytes=size[0], timeout_s=timeout_s))
     return current()
 
 
