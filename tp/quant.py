@@ -47,11 +47,13 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     """x @ (q * scale[:, None]).T without materialising the float weight where a kernel allows.
 
     CPU: torch._weight_int8pack_mm with bfloat16 activations (the kernel's fast path; other dtypes
-    are cast there and back). NPU: torch_npu.npu_weight_quant_batchmatmul when the installed
+    are cast there and back), for K a multiple of 16. NPU: torch_npu.npu_weight_quant_batchmatmul when the installed
     torch_npu has it. Elsewhere (CUDA): dequantise in the matmul, which torch.compile can fuse.
     """
     lead, k = x.shape[:-1], x.shape[-1]
-    if x.device.type == "cpu":
+    # The CPU kernel reads past the row (garbage, or a segfault) unless K is a multiple of 16,
+    # e.g. down_proj at TP=4 of a 480-wide MLP; such layers take the dequantizing path.
+    if x.device.type == "cpu" and k % 16 == 0:
         y = torch._weight_int8pack_mm(x.reshape(-1, k).to(torch.bfloat16), q, scale.to(torch.bfloat16))
         return y.view(*lead, q.shape[0]).to(x.dtype)
     if x.device.type == "npu":
