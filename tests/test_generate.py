@@ -81,3 +81,27 @@ def test_tokenizer_conventions(tiny_ckpt):
     assert tok.decode(ids) == "答案：A"
     assert all(tok.piece_id(letter) is not None for letter in "ABCD")
     assert tok.piece_id("no-such-piece-✗✗") is None
+
+
+def test_dynamic_rope_changes_only_positions_past_the_context_and_keeps_no_history(tiny_ckpt, tmp_path):
+    import json
+    import shutil
+
+    from tp.config import ModelConfig
+    from tp.model import rope_tables
+    cfg = ModelConfig.from_dict({**json.loads((tiny_ckpt / "config.json").read_text()),
+                                 "max_position_embeddings": 16, "rotary": {"base": 10000, "type": "dynamic"}})
+    plain = ModelConfig.from_dict({**json.loads((tiny_ckpt / "config.json").read_text()), "max_position_embeddings": 16})
+    short, long_ = rope_tables(cfg, 16), rope_tables(cfg, 40)
+    assert torch.equal(long_[0][:16], short[0]) and torch.equal(short[0], rope_tables(plain, 16)[0])
+    assert not torch.allclose(long_[0][16:], rope_tables(plain, 40)[0][16:]), "past the context: rescaled"
+
+    ckpt = tmp_path / "dyn"
+    shutil.copytree(tiny_ckpt, ckpt)
+    raw = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**raw, "max_position_embeddings": 16,
+                                                 "rotary": {"base": 10000, "type": "dynamic"}}))
+    model, prompt = load_model(ckpt), [[1, 100, 200, 300]]
+    first = generate(model, prompt, 5, EOS).tokens
+    generate(model, prompt, 40, EOS)  # a request past the context
+    assert generate(model, prompt, 5, EOS).tokens == first, "an earlier long request leaves no trace"

@@ -32,16 +32,23 @@ class RMSNorm(nn.Module):
 def rope_tables(cfg: ModelConfig, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape [length, head_dim] in float32 (halves repeated, rotate-half layout).
 
-    InternLM's dynamic NTK rotary only differs from the plain one past max_position_embeddings; a
-    cache longer than that gets the base rescaled for that length (scaling factor 1, as InternLM).
+    InternLM's dynamic NTK rotary only differs from the plain one past max_position_embeddings:
+    positions before it always get the configured base; positions past it (a request longer than
+    the context) get the base rescaled for the request's length (scaling factor 1, as InternLM).
     """
     dim = cfg.head_dim
-    base = cfg.rope_theta
-    if cfg.rope_dynamic and length > cfg.max_position_embeddings:
-        base = base * (length / cfg.max_position_embeddings) ** (dim / (dim - 2))
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
-    freqs = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
+
+    def table(base: float, positions: torch.Tensor) -> torch.Tensor:
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+        freqs = torch.outer(positions, inv_freq)
+        return torch.cat((freqs, freqs), dim=-1)
+
+    positions = torch.arange(length, device=device, dtype=torch.float32)
+    emb = table(cfg.rope_theta, positions)
+    limit = cfg.max_position_embeddings
+    if cfg.rope_dynamic and length > limit:
+        scaled = cfg.rope_theta * (length / limit) ** (dim / (dim - 2))
+        emb[limit:] = table(scaled, positions[limit:])
     return emb.cos(), emb.sin()
 
 
@@ -142,7 +149,7 @@ class InternLM(nn.Module):
         self.model = Backbone(cfg, rank, world_size, dtype, device, int8)
         self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.padded_vocab_size(world_size), cfg.vocab_size,
                                       world_size, dtype, device, quantized=self.quantize_lm_head)
-        self.max_seq = 0
+        self.max_seq, self.rope_len = 0, 0
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
@@ -173,6 +180,9 @@ class InternLM(nn.Module):
         """(Re)allocate the KV cache; reused as is when it is already large enough."""
         cache = self.model.layers[0].self_attn.cache
         if cache is not None and cache.k.shape[0] == batch and self.max_seq >= max_seq:
+            if self.cfg.rope_dynamic and max(max_seq, self.rope_len) > self.cfg.max_position_embeddings \
+                    and max_seq != self.rope_len:
+                self._set_rope(max_seq)  # past the context the tables depend on the request's length
             return
         heads = self.cfg.num_attention_heads // self.world_size
         for layer in self.model.layers:
@@ -180,8 +190,11 @@ class InternLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.cache = KVCache(batch, heads, max_seq, self.cfg.head_dim, self.dtype, self.device)
         self.max_seq = max_seq
-        cos, sin = rope_tables(self.cfg, max_seq, self.device)
-        self.rope_cos, self.rope_sin = cos.to(self.dtype), sin.to(self.dtype)
+        self._set_rope(max_seq)
+
+    def _set_rope(self, length: int) -> None:
+        cos, sin = rope_tables(self.cfg, length, self.device)
+        self.rope_cos, self.rope_sin, self.rope_len = cos.to(self.dtype), sin.to(self.dtype), length
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, start: int,
                 last_only: bool = True) -> torch.Tensor:
