@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     try:
         out = cut(parse_args(argv))
-    except (CutError, ConfigError, CheckpointError, FileNotFoundError) as err:
+    except (CutError, ConfigError, CheckpointError, OSError) as err:  # OSError: disk full, permissions
         print(f"cut_weights: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -154,6 +154,8 @@ def cut(opts: CutOptions) -> Path:
         raise CutError(f"{src}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     shapes = {n: reader.shape(n) for n in names}  # reads every file's header: a bad file fails here
     out_dtype = DTYPES[opts.dtype] if opts.dtype != "auto" else reader.dtype("model.norm.weight")
+    if out_dtype not in DTYPES.values():
+        raise CutError(f"the checkpoint is {out_dtype}; pass dtype=float32, bfloat16 or float16")
     _check_output(out, src, opts.overwrite)
 
     padded = cfg.padded_vocab_size(world)
@@ -164,7 +166,8 @@ def cut(opts: CutOptions) -> Path:
     outputs: list[RankOutput] = []
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     for stale in out.parent.glob(f".{out.name}.partial-*") if out.parent.is_dir() else ():
-        shutil.rmtree(stale, ignore_errors=True)  # left by a cut that was killed
+        if not _pid_alive(stale.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(stale, ignore_errors=True)  # left by a cut that was killed
     try:
         try:
             tmp.mkdir(parents=True)
@@ -233,6 +236,17 @@ def _manifest_entries(name, shape, source_dtype, out_dtype, quantized: bool):
     if not quantized:
         return [entry(name, shape, out_dtype)]
     return [entry(name, shape, torch.int8), entry(scale_name(name), shape[:1], torch.float32)]
+
+
+def _pid_alive(pid: str) -> bool:
+    """Whether the process that owns a partial directory still runs (then it is not ours to delete)."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _unknown(name: str) -> bool:

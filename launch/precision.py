@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch.distributed as dist
@@ -31,30 +32,37 @@ HUB_DATASET = "ceval/ceval-exam"
 
 
 def resolve_data_dir(configured: str | None) -> Path:
-    """task.data_dir, else ../shared/ceval beside the repository, else the hub copy (downloaded once)."""
+    """task.data_dir, else ../shared/ceval beside the repository, else the hub copy (downloaded once,
+    by rank 0; with several nodes, give task.data_dir on a shared file system)."""
     if configured:
         return ceval.check_data_dir(configured)
     local = ROOT.parent / "shared" / "ceval"
     if local.is_dir():
         return ceval.check_data_dir(local)
-    return fetch_from_hub(Path.home() / ".cache" / "internlm-tp" / "ceval")
+    target = Path.home() / ".cache" / "internlm-tp" / "ceval"
+    return Path(_from_rank0(lambda: str(fetch_from_hub(target))))
 
 
 def fetch_from_hub(target: Path) -> Path:
-    """The official data from the hub (`datasets`), written once in the official csv layout."""
+    """The official data from the hub (`datasets`), written in the official csv layout into a
+    temporary sibling and renamed into place, so an interrupted download is never taken as data."""
     if (target / "val").is_dir():
         return ceval.check_data_dir(target)
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
     try:
         from datasets import load_dataset
         for subject in ceval.load_mapping(None):
             data = load_dataset(HUB_DATASET, subject)
             for split in ("dev", "val"):
-                (target / split).mkdir(parents=True, exist_ok=True)
-                data[split].to_csv(str(target / split / f"{subject}_{split}.csv"), index=False)
+                (partial / split).mkdir(parents=True, exist_ok=True)
+                data[split].to_csv(str(partial / split / f"{subject}_{split}.csv"), index=False)
     except Exception as err:  # no `datasets`, offline, or the hub refused
-        raise UserError(f"C-Eval data not found locally and not downloadable ({type(err).__name__}: {err}). "
-                        f"Put the official ceval-exam files (dev/{{subject}}_dev.csv, val/{{subject}}_val.csv, "
-                        f"subject_mapping.json) in a directory and pass task.data_dir=DIR") from err
+        raise ceval.CevalError(
+            f"C-Eval data not found locally and not downloadable ({type(err).__name__}: {err}). Put the official "
+            f"ceval-exam files (dev/{{subject}}_dev.csv, val/{{subject}}_val.csv, subject_mapping.json) in a "
+            f"directory and pass task.data_dir=DIR") from err
+    partial.rename(target)
     return ceval.check_data_dir(target)
 
 
@@ -101,7 +109,8 @@ def run(cfg: DictConfig, session: Session, out_dir: Path) -> None:
     try:
         data_dir = resolve_data_dir(task.get("data_dir"))
         mapping = ceval.load_mapping(data_dir)
-        subjects = ceval.resolve_subjects(mapping, OmegaConf.to_object(task.subjects) if task.subjects else None)
+        raw = task.get("subjects")
+        subjects = ceval.resolve_subjects(mapping, OmegaConf.to_object(raw) if OmegaConf.is_config(raw) else raw)
         questions = {s: ceval.load_split(data_dir, s, "val") for s in subjects}
         dev = {s: ceval.load_split(data_dir, s, "dev")[:shots] for s in subjects}
     except ceval.CevalError as err:
@@ -113,7 +122,8 @@ def run(cfg: DictConfig, session: Session, out_dir: Path) -> None:
         raise UserError(f"the tokenizer has no piece for {[c for c, i in zip(ceval.CHOICES, letter_ids) if i is None]}: "
                         f"the official protocol reads the logits of the bare letters A, B, C, D")
     rank_files = model_files_dir(cfg.model.path, session.dist.rank)
-    identity = {**fingerprint(cfg, data_dir, rank_files), "quantize": model.quantize}
+    identity = {**fingerprint(cfg, data_dir, rank_files), "quantize": model.quantize,
+                "quantize_lm_head": model.quantize_lm_head}
     cache = None
 
     def open_cache():

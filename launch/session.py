@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from tp import comm
 from tp.checkpoint import CheckpointError
@@ -76,6 +76,9 @@ class Session:
 
     def model_for(self, cfg) -> tuple[InternLM, Tokenizer]:
         """The model the composed config names (`model.path`, `dtype`, `model.quantize`)."""
+        if OmegaConf.is_missing(cfg.model, "path") or not cfg.model.get("path"):
+            raise UserError("model.path is required: a published checkpoint directory or a cut "
+                            "(e.g. model.path=/data/internlm-7b)")
         return self.model(str(cfg.model.path), str(cfg.dtype), str(cfg.model.get("quantize", "auto")),
                           bool(cfg.model.get("quantize_lm_head", True)))
 

@@ -173,3 +173,16 @@ def test_unknown_task_is_a_clear_error(tiny_ckpt, tmp_path):
     proc = torchrun(1, "task=translate", f"model.path={tiny_ckpt}", f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0
     assert "task/translate" in proc.stdout + proc.stderr and "Available options" in proc.stdout + proc.stderr
+
+
+def test_one_subject_as_a_plain_string(tiny_ckpt, ceval_dir, tmp_path, session):
+    cfg = compose_cfg("task=precision", f"model.path={tiny_ckpt}", f"task.data_dir={ceval_dir}",
+                      "task.subjects=middle_school_geography", "task.shots=0", "task.batch_size=12")
+    run_task(cfg, session, tmp_path)
+    assert [r["subject"] for r in read_cache(tmp_path)] == ["middle_school_geography"] * 12
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path, session):
+    cfg = compose_cfg("model=internlm_7b")
+    with pytest.raises(UserError, match="model.path is required"):
+        run_task(cfg, session, tmp_path)

@@ -97,11 +97,3 @@ def pad_rows(part: torch.Tensor, dim: int, pad: int) -> torch.Tensor:
     shape[dim] = pad
     return torch.cat([part, part.new_zeros(shape)], dim=dim)
 
-
-def take_shard(tensor: torch.Tensor, name: str, rank: int, world_size: int,
-               padded_vocab: int | None) -> torch.Tensor:
-    """`rank`'s slice of an in-memory (or memory-mapped) source tensor, padded for vocab splits."""
-    split, start, stop, pad = shard_bounds(name, tuple(tensor.shape), rank, world_size, padded_vocab)
-    if split.dim is None:
-        return tensor
-    return pad_rows(tensor.narrow(split.dim, start, stop - start), split.dim, pad)
