@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -35,7 +36,7 @@ class Session:
     dist: Dist
     models: dict = field(default_factory=dict)
 
-    _current: "Session | None" = None
+    _current: ClassVar["Session | None"] = None  # one per process, shared by the jobs of a sweep
 
     @classmethod
     def get(cls, cfg: DictConfig) -> "Session":
