@@ -43,6 +43,7 @@ class CutOptions:
     dtype: str = "auto"
     quantize: str = "none"
     quantize_lm_head: bool = True
+    quantize_embedding: bool = True
     overwrite: bool = False
     max_shard_size: str = "4GB"
     progress: bool = True
@@ -161,7 +162,7 @@ def cut(opts: CutOptions) -> Path:
     padded = cfg.padded_vocab_size(world)
 
     def quantized(name: str) -> bool:
-        return is_quantized(name, opts.quantize, opts.quantize_lm_head)
+        return is_quantized(name, opts.quantize, opts.quantize_lm_head, opts.quantize_embedding)
 
     outputs: list[RankOutput] = []
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -181,7 +182,8 @@ def cut(opts: CutOptions) -> Path:
                       "tensor_parallel": {"world_size": world, "rank": r}}
             if opts.quantize == "int8":
                 config["quantization"] = {"method": "weight_only_int8", "granularity": "per_output_channel",
-                                          "symmetric": True, "lm_head": opts.quantize_lm_head}
+                                          "symmetric": True, "lm_head": opts.quantize_lm_head,
+                                          "embedding": opts.quantize_embedding}
             (directory / "config.json").write_text(json.dumps(config, indent=2))
             for file in COPIED_FILES:
                 if (src / file).is_file():
@@ -204,6 +206,7 @@ def cut(opts: CutOptions) -> Path:
             "vocab_size": cfg.vocab_size, "padded_vocab_size": padded,
             "dtype": str(out_dtype).removeprefix("torch."), "quantize": opts.quantize,
             "quantize_lm_head": opts.quantize == "int8" and opts.quantize_lm_head,
+            "quantize_embedding": opts.quantize == "int8" and opts.quantize_embedding,
             "source": {"path": str(src.resolve()), "format": reader.format, "files": reader.file_bytes()},
             "tensors": {n: entry for name in names
                         for n, entry in _manifest_entries(name, shapes[name], reader.dtype(name), out_dtype,

@@ -123,7 +123,7 @@ def run(cfg: DictConfig, session: Session, out_dir: Path) -> None:
                         f"the official protocol reads the logits of the bare letters A, B, C, D")
     rank_files = model_files_dir(cfg.model.path, session.dist.rank)
     identity = {**fingerprint(cfg, data_dir, rank_files), "quantize": model.quantize,
-                "quantize_lm_head": model.quantize_lm_head}
+                "quantize_lm_head": model.quantize_lm_head, "quantize_embedding": model.quantize_embedding}
     cache = None
 
     def open_cache():

@@ -59,14 +59,14 @@ class Session:
             dist.destroy_process_group()
         cls._current = None
 
-    def model(self, path: str, dtype: str, quantize: str = "auto", quantize_lm_head: bool = True
-              ) -> tuple[InternLM, Tokenizer]:
-        key = (path, dtype, quantize, quantize_lm_head)
+    def model(self, path: str, dtype: str, quantize: str = "auto", quantize_lm_head: bool = True,
+              quantize_embedding: bool = True) -> tuple[InternLM, Tokenizer]:
+        key = (path, dtype, quantize, quantize_lm_head, quantize_embedding)
         if key not in self.models:
             self.models.clear()  # one model resident at a time
             try:
                 model = load_model(path, self.dist.rank, self.dist.world_size, self.dist.device, dtype,
-                                   quantize, quantize_lm_head)
+                                   quantize, quantize_lm_head, quantize_embedding)
                 tokenizer = Tokenizer(model_files_dir(path, self.dist.rank))
             except USER_ERRORS as err:
                 raise UserError(str(err)) from err
@@ -81,7 +81,8 @@ class Session:
             raise UserError("model.path is required: a published checkpoint directory or a cut "
                             "(e.g. model.path=/data/internlm-7b)")
         return self.model(str(cfg.model.path), str(cfg.dtype), str(cfg.model.get("quantize", "auto")),
-                          bool(cfg.model.get("quantize_lm_head", True)))
+                          bool(cfg.model.get("quantize_lm_head", True)),
+                          bool(cfg.model.get("quantize_embedding", True)))
 
     def generator(self, seed: int) -> torch.Generator:
         return torch.Generator().manual_seed(int(seed))

@@ -100,3 +100,19 @@ def test_quantized_cut_refuses_other_settings(tiny_ckpt, tmp_path):
     plain = cut(CutOptions(str(tiny_ckpt), str(tmp_path / "plain"), 2, progress=False))
     with pytest.raises(CheckpointError, match="made with quantize=none, launched with model.quantize=int8"):
         load_model(plain, 0, 2, quantize="int8")
+
+
+def test_embedding_quantization_can_be_turned_off(tiny_ckpt, tmp_path):
+    out = cut(CutOptions(str(tiny_ckpt), str(tmp_path / "q"), 2, quantize="int8", quantize_embedding=False,
+                         progress=False))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quantize_embedding"] is False
+    assert json.loads((out / "rank_1" / "config.json").read_text())["quantization"]["embedding"] is False
+    with CheckpointReader(out / "rank_1") as r:
+        assert r.dtype("model.embed_tokens.weight") == torch.float32
+        assert "model.embed_tokens.weight_scale" not in r.names()
+        assert r.dtype("lm_head.weight") == torch.int8
+    from_cut = dict(load_model(out, 1, 2).named_parameters())
+    at_load = dict(load_model(tiny_ckpt, 1, 2, quantize="int8", quantize_embedding=False).named_parameters())
+    assert from_cut.keys() == at_load.keys() and all(torch.equal(p, from_cut[n]) for n, p in at_load.items())
+    assert from_cut["model.embed_tokens.weight"].dtype == torch.float32

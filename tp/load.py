@@ -22,11 +22,13 @@ _FUSED = {"q_proj": ("qkv_proj", 0, 3), "k_proj": ("qkv_proj", 1, 3), "v_proj": 
 _PROJ = re.compile(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.")
 
 
-def expected_names(cfg: ModelConfig, quantize: str = "none", quantize_lm_head: bool = True) -> list[str]:
+def expected_names(cfg: ModelConfig, quantize: str = "none", quantize_lm_head: bool = True,
+                   quantize_embedding: bool = True) -> list[str]:
     """Every tensor an InternLM checkpoint of this shape must hold (LLaMA names); with int8, each
     quantized weight is followed by its `_scale`."""
     names = _source_names(cfg)
-    return [m for n in names for m in ([n, scale_name(n)] if is_quantized(n, quantize, quantize_lm_head) else [n])]
+    return [m for n in names
+            for m in ([n, scale_name(n)] if is_quantized(n, quantize, quantize_lm_head, quantize_embedding) else [n])]
 
 
 def _source_names(cfg: ModelConfig) -> list[str]:
@@ -106,7 +108,8 @@ def resolve_quantize(requested: str, cut_manifest: dict | None) -> str:
 
 
 def load_model(path: str | Path, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
-               dtype: str = "auto", quantize: str = "auto", quantize_lm_head: bool = True) -> InternLM:
+               dtype: str = "auto", quantize: str = "auto", quantize_lm_head: bool = True,
+               quantize_embedding: bool = True) -> InternLM:
     """A rank's model from a cut directory (its own `rank_r/`) or from an uncut published checkpoint
     (reading only its own slices, through mmap/safetensors; quantize=int8 quantizes them on the way)."""
     device = torch.device(device)
@@ -115,6 +118,7 @@ def load_model(path: str | Path, rank: int = 0, world_size: int = 1, device: tor
     if cut:
         directory, manifest = open_partition(path, rank, world_size)
         quantize_lm_head = bool(manifest.get("quantize_lm_head", True))
+        quantize_embedding = bool(manifest.get("quantize_embedding", True))
     else:
         directory = Path(path)
     quantize = resolve_quantize(quantize, manifest)
@@ -129,18 +133,18 @@ def load_model(path: str | Path, rank: int = 0, world_size: int = 1, device: tor
             return source.read(name)
         if name in scales:
             return scales.pop(name)
-        if is_quantized(name, quantize, quantize_lm_head):
+        if is_quantized(name, quantize, quantize_lm_head, quantize_embedding):
             q, scales[scale_name(name)] = read_quantized_shard(source, name, rank, world_size, padded)
             return q
         return read_shard(source, name, rank, world_size, padded)
 
-    expected = expected_names(cfg, quantize, quantize_lm_head)
+    expected = expected_names(cfg, quantize, quantize_lm_head, quantize_embedding)
     present = set(source.names())
     missing = [n for n in (expected if cut else _source_names(cfg)) if n not in present]
     if missing:
         raise CheckpointError(f"{directory}: missing tensor(s) {', '.join(missing[:5])}"
                               f"{' ...' if len(missing) > 5 else ''}")
     model = InternLM(cfg, rank, world_size, resolve_dtype(dtype, source.dtype("model.norm.weight"), device), device,
-                     quantize=quantize, quantize_lm_head=quantize_lm_head)
+                     quantize=quantize, quantize_lm_head=quantize_lm_head, quantize_embedding=quantize_embedding)
     fill(model, local, expected)
     return model.eval()

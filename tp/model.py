@@ -122,10 +122,11 @@ class DecoderLayer(nn.Module):
 
 class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig, rank: int, world_size: int, dtype: torch.dtype, device=None,
-                 int8: bool = False):
+                 int8: bool = False, int8_embedding: bool = False):
         super().__init__()
         padded = cfg.padded_vocab_size(world_size)
-        self.embed_tokens = VocabParallelEmbedding(padded, cfg.hidden_size, rank, world_size, dtype, device, int8)
+        self.embed_tokens = VocabParallelEmbedding(padded, cfg.hidden_size, rank, world_size, dtype, device,
+                                                   int8_embedding)
         self.layers = nn.ModuleList(DecoderLayer(cfg, world_size, dtype, device, int8)
                                     for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
@@ -134,19 +135,21 @@ class Backbone(nn.Module):
 class InternLM(nn.Module):
     """Parameter names mirror the checkpoint's, except the fused `qkv_proj` and `gate_up_proj`.
 
-    quantize="int8": the linear layers, the embedding (and the LM head unless quantize_lm_head=False)
-    hold int8 weights with per-row `weight_scale` (tp/quant.py); `dtype` is then the activations'.
+    quantize="int8": the linear layers, the LM head and the embedding (unless quantize_lm_head or
+    quantize_embedding is False) hold int8 weights with per-row `weight_scale` (tp/quant.py);
+    `dtype` is then the activations'.
     """
 
     def __init__(self, cfg: ModelConfig, rank: int = 0, world_size: int = 1,
                  dtype: torch.dtype = torch.float32, device=None, quantize: str = "none",
-                 quantize_lm_head: bool = True):
+                 quantize_lm_head: bool = True, quantize_embedding: bool = True):
         super().__init__()
         cfg.check_divisible(world_size)
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.quantize, self.quantize_lm_head = quantize, quantize == "int8" and quantize_lm_head
+        self.quantize_embedding = quantize == "int8" and quantize_embedding
         int8 = quantize == "int8"
-        self.model = Backbone(cfg, rank, world_size, dtype, device, int8)
+        self.model = Backbone(cfg, rank, world_size, dtype, device, int8, self.quantize_embedding)
         self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.padded_vocab_size(world_size), cfg.vocab_size,
                                       world_size, dtype, device, quantized=self.quantize_lm_head)
         self.max_seq, self.rope_len = 0, 0

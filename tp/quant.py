@@ -25,9 +25,10 @@ def check_choice(quantize: str) -> None:
         raise ValueError(f"quantize={quantize!r}: expected one of {', '.join(QUANTIZE_CHOICES)}")
 
 
-def is_quantized(name: str, quantize: str, lm_head: bool = True) -> bool:
+def is_quantized(name: str, quantize: str, lm_head: bool = True, embedding: bool = True) -> bool:
     """Whether source weight `name` is stored as int8 + scales under this setting."""
-    return quantize == "int8" and (bool(_LINEAR.match(name)) or name == _EMBEDDING or (lm_head and name == _LM_HEAD))
+    return quantize == "int8" and (bool(_LINEAR.match(name)) or (embedding and name == _EMBEDDING)
+                                   or (lm_head and name == _LM_HEAD))
 
 
 def scale_name(name: str) -> str:
