@@ -1,6 +1,6 @@
 """Cut a published checkpoint into one partition per tensor-parallel rank (SPEC §2).
 
-Streaming: every source tensor is read in row blocks of ~BLOCK_BYTES (each read maps the file,
+Streaming: every source tensor is read in row blocks of ~READ_BLOCK_BYTES (each read maps the file,
 copies the block and unmaps it), split with the runtime's own table, and appended to the ranks'
 safetensors files, whose headers were written up front. Resident memory is a few blocks, whatever
 the checkpoint's size. Everything is written into a hidden sibling directory that is renamed into
@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from cut_weights.safetensors_writer import StreamingSafetensorsWriter, nbytes
+from tp.checkpoint import READ_BLOCK_BYTES
 from tp.checkpoint import CheckpointReader
 from tp.config import ModelConfig
 from tp.load import DTYPES, expected_names
@@ -26,7 +27,6 @@ from tp.partition import FORMAT, MANIFEST, VERSION, rank_dir
 from tp.quant import QUANTIZE_CHOICES, is_quantized, quantize_rows, scale_name
 from tp.split import local_shape, pad_rows, shard_bounds, split_of
 
-BLOCK_BYTES = 64 << 20
 _POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="cut")
 COPIED_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
@@ -279,7 +279,7 @@ def _stream_tensor(reader, name, shape, out_dtype, outputs, world, padded, bar) 
         bar.update(rows * row_bytes)
         _write_padding(name, shape, out_dtype, outputs, bounds)
         return
-    step = max(1, BLOCK_BYTES // row_bytes)
+    step = max(1, READ_BLOCK_BYTES // row_bytes)
     for a in range(0, rows, step):
         b = min(rows, a + step)
         # A view of the mapped file, written out without an intermediate copy when no dtype
@@ -304,7 +304,7 @@ def _stream_quantized(reader, name, shape, outputs, world, padded, bar) -> None:
     bounds = [shard_bounds(name, shape, r, world, padded) for r in range(world)]
     split = bounds[0][0]
     rows, row_bytes = shape[0], max(1, nbytes(shape[1:], reader.dtype(name)))
-    step = max(1, BLOCK_BYTES // row_bytes)
+    step = max(1, READ_BLOCK_BYTES // row_bytes)
     scales: list[list[torch.Tensor]] = [[] for _ in range(world)]
     for a in range(0, rows, step):
         b = min(rows, a + step)

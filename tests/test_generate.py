@@ -48,6 +48,8 @@ def test_prefill_inputs_left_pad_positions_and_mask():
     assert mask[1, 0].tolist() == [[True, False, False], [False, True, False], [False, False, True]]
     assert mask[0, 0].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
     assert lengths.tolist() == [3, 1]
+    assert prefill_inputs([[1, 5], [1, 6]], pad_id=0, capacity=4, device="cpu")[3] is None, \
+        "no padding: no mask, SDPA's causal path"
 
 
 def test_sampling_filters_and_seed():

@@ -20,6 +20,10 @@ from safetensors import safe_open
 from tp.split import is_dropped, pad_rows, shard_bounds
 
 
+# Tensors too large to copy whole are read in row blocks of about this size (cutter, int8 loader).
+READ_BLOCK_BYTES = 64 << 20
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete, corrupted or unsafe to load."""
 

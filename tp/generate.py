@@ -50,7 +50,8 @@ def choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
 
 
 def prefill_inputs(prompts: list[list[int]], pad_id: int, capacity: int, device):
-    """Left-padded ids [B, L], key validity [B, capacity], rotary positions [B, L], mask [B, 1, L, L]."""
+    """Left-padded ids [B, L], key validity [B, capacity], rotary positions [B, L], mask [B, 1, L, L]
+    (None when no prompt is padded: SDPA's causal fast path, in prefill and decode alike)."""
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     width = int(lengths.max())
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
@@ -63,7 +64,8 @@ def prefill_inputs(prompts: list[list[int]], pad_id: int, capacity: int, device)
     # A padding query attends to itself only: never a fully masked row, whose NaNs would reach the
     # cache and poison real rows through 0 * NaN.
     mask = (causal & valid[:, None, None, :width]) | torch.eye(width, dtype=torch.bool, device=device)
-    return ids, valid, positions, mask, lengths
+    padded = bool((lengths != width).any())
+    return ids, valid, positions, mask if padded else None, lengths
 
 
 @torch.inference_mode()
@@ -80,7 +82,6 @@ def generate(model: InternLM, prompts: list[list[int]], max_new_tokens: int, eos
     capacity = width + max_new_tokens
     model.setup_cache(len(prompts), capacity)
     ids, valid, positions, mask, lengths = prefill_inputs(prompts, pad_id, capacity, device)
-    padded = len({len(p) for p in prompts}) > 1  # else no mask at all: SDPA's causal fast path
     broadcast = sampling.temperature > 0 and dist.is_initialized() and dist.get_world_size() > 1
 
     def pick(logits):
@@ -91,7 +92,7 @@ def generate(model: InternLM, prompts: list[list[int]], max_new_tokens: int, eos
 
     synchronize(device)
     t0 = time.perf_counter()
-    token = pick(model(ids, positions, mask if padded else None, 0))
+    token = pick(model(ids, positions, mask, 0))
     synchronize(device)
     first_ms = (time.perf_counter() - t0) * 1e3
 
@@ -113,7 +114,7 @@ def generate(model: InternLM, prompts: list[list[int]], max_new_tokens: int, eos
         valid[:, slot] = True
         pos = (lengths + step - 1).unsqueeze(1)
         tb = clock()
-        logits = model(token.unsqueeze(1), pos, valid[:, None, None, : slot + 1] if padded else None, slot)
+        logits = model(token.unsqueeze(1), pos, None if mask is None else valid[:, None, None, : slot + 1], slot)
         tc = clock()
         token = pick(logits).masked_fill(finished, eos_id)
         out.append(token)
@@ -136,5 +137,4 @@ def next_token_logits(model: InternLM, prompts: list[list[int]], pad_id: int = 0
     width = max(len(p) for p in prompts)
     model.setup_cache(len(prompts), width)
     ids, _, positions, mask, _ = prefill_inputs(prompts, pad_id, width, model.device)
-    padded = len({len(p) for p in prompts}) > 1
-    return model(ids, positions, mask if padded else None, 0)[:, -1].float()
+    return model(ids, positions, mask, 0)[:, -1].float()

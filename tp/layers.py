@@ -31,17 +31,18 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device | str | None) -
 
 
 class _Weight(nn.Module):
-    """A [out, in] weight, float or int8 with per-output-channel scales (`weight_scale`)."""
+    """A [rows, cols] weight, float or int8 with one scale per row (`weight_scale`)."""
 
     def _make_weight(self, rows: int, cols: int, quantized: bool, dtype: torch.dtype, device) -> None:
         self.quantized = quantized
         self.weight = _empty(rows, cols, dtype=torch.int8 if quantized else dtype, device=device)
         self.weight_scale = _empty(rows, dtype=dtype, device=device) if quantized else None
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quantized:
-            return int8_linear(x, self.weight, self.weight_scale)
-        return linear(x, self.weight)
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.quantized:
+            return linear(x, self.weight, bias)
+        y = int8_linear(x, self.weight, self.weight_scale)
+        return y if bias is None else y.add_(bias)
 
 
 class ColumnParallelLinear(_Weight):
@@ -56,10 +57,7 @@ class ColumnParallelLinear(_Weight):
         self.bias = _empty(out_features // world_size, dtype=dtype, device=device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.quantized:
-            return linear(x, self.weight, self.bias)
-        y = self.matmul(x)
-        return y if self.bias is None else y.add_(self.bias)
+        return self.matmul(x, self.bias)
 
 
 class RowParallelLinear(_Weight):
@@ -81,7 +79,7 @@ class RowParallelLinear(_Weight):
         return y if self.bias is None else y.add_(self.bias)
 
 
-class VocabParallelEmbedding(nn.Module):
+class VocabParallelEmbedding(_Weight):
     """Rank r holds token rows [r*V'/N, (r+1)*V'/N) of the embedding, V' the vocab padded to a multiple
     of N. Ids outside the slice look up zeros, so the all-reduce sums exactly one real row per token.
     int8: each row has its own scale, applied after the lookup."""
@@ -89,16 +87,15 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, padded_vocab: int, hidden: int, rank: int, world_size: int,
                  dtype: torch.dtype, device=None, quantized: bool = False):
         super().__init__()
-        self.world_size, self.quantized, self.dtype = world_size, quantized, dtype
+        self.world_size = world_size
         self.per_rank = padded_vocab // world_size
         self.start = rank * self.per_rank
-        self.weight = _empty(self.per_rank, hidden, dtype=torch.int8 if quantized else dtype, device=device)
-        self.weight_scale = _empty(self.per_rank, dtype=dtype, device=device) if quantized else None
+        self._make_weight(self.per_rank, hidden, quantized, dtype, device)
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(ids, self.weight)
         if self.quantized:
-            rows = rows.to(self.dtype) * self.weight_scale[ids].unsqueeze(-1)
+            rows = rows.to(self.weight_scale.dtype) * self.weight_scale[ids].unsqueeze(-1)
         return rows
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from tp.checkpoint import CheckpointError, CheckpointReader, read_shard
+from tp.checkpoint import READ_BLOCK_BYTES, CheckpointError, CheckpointReader, read_shard
 from tp.config import ModelConfig
 from tp.model import InternLM
 from tp.partition import is_cut, open_partition
@@ -86,7 +86,7 @@ def read_quantized_shard(reader: CheckpointReader, name: str, rank: int, world_s
     shape = reader.shape(name)
     split, start, stop, pad = shard_bounds(name, shape, rank, world_size, padded_vocab)
     if split.dim == 1:
-        step = max(1, (64 << 20) // (shape[1] * reader.dtype(name).itemsize))
+        step = max(1, READ_BLOCK_BYTES // (shape[1] * reader.dtype(name).itemsize))
         parts = [quantize_rows(reader.read(name, 0, a, min(a + step, shape[0]))) for a in range(0, shape[0], step)]
         return torch.cat([q[:, start:stop] for q, _ in parts]), torch.cat([s for _, s in parts])
     q, scale = quantize_rows(reader.read(name, 0, start, stop))
