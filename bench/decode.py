@@ -9,8 +9,8 @@ On an InternLM-shaped model of >= 500M parameters (hidden 2048, 8 layers, 16 hea
 in float32 and bfloat16, plus the first-token time at input 512 against transformers.
 Bars (issue 5): ours TP=1 within 1.1x of the roofline; >= 1.15x transformers' tokens/s in float32,
 >= 1.2x in bfloat16; TP=2 >= 0.9x TP=1; prefill at 512 no slower than transformers.
-Then weight-only int8 (issue 7, bfloat16 activations) at TP=1 and TP=2, GB/s on the bytes actually
-read (int8 + scales): >= 2.0x transformers float32 and >= 1.25x our bfloat16 in tokens/s, and
+Then weight-only int8 (issue 7, bfloat16 activations) at TP=1 and TP=2, and TP=1 again with torch's
+int8 kernel in place of ours (INTERNLM_TP_INT8_GEMV=torch), GB/s on the bytes actually read (int8 + scales): >= 2.0x transformers float32 and >= 1.25x our bfloat16 in tokens/s, and
 partition bytes on disk <= 0.3x float32's.
 
     python bench/decode.py [--dtypes float32,bfloat16] [--new-tokens 32] [--workdir DIR]
@@ -156,8 +156,8 @@ WORKERS = {"build": worker_build, "probe": worker_probe, "hf": worker_hf, "ours"
 
 
 # -- driver ---------------------------------------------------------------------------------------
-def call(worker: str, *args, world_size: int = 1, threads: int = 2) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+def call(worker: str, *args, world_size: int = 1, threads: int = 2, env: dict | None = None) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(env or {})}
     cmd = [__file__, "--worker", worker, *map(str, args)]
     if world_size > 1:
         cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", str(world_size), *cmd]
@@ -173,11 +173,13 @@ def int8_rows(ckpt: Path, work: Path, new_tokens: int, seen: dict) -> None:
     """Weight-only int8 (bfloat16 activations) against transformers float32 and our bfloat16."""
     tp1 = call("ours", ckpt, "bfloat16", 2, new_tokens, "int8", threads=2)
     tp2 = call("ours", ckpt, "bfloat16", 1, new_tokens, "int8", world_size=2, threads=1)
+    torch_kernel = call("ours", ckpt, "bfloat16", 2, new_tokens, "int8", threads=2, env={"INTERNLM_TP_INT8_GEMV": "torch"})
     sizes = call("cut_bytes", ckpt, work / "cuts")
     print(f"\n== int8 weights (per output channel) + bfloat16 activations, batch 1, prompt {PROMPT_LEN}, "
           f"{new_tokens} new tokens ==")
     print(f"{'':28}{'next token ms':>14}{'tokens/s':>10}{'GB/s read':>11}")
-    for label, r in (("ours int8 TP=1 (2 threads)", tp1), ("ours int8 TP=2 (1 thread each)", tp2)):
+    for label, r in (("ours int8 TP=1 (2 threads)", tp1), ("ours int8 TP=2 (1 thread each)", tp2),
+                     ("  with torch's int8 kernel", torch_kernel)):
         ms = r["next_token_ms"]
         print(f"{label:28}{ms:14.2f}{1e3 / ms:10.2f}{r['decode_bytes'] / ms / 1e6:11.1f}")
     checks = []
@@ -187,6 +189,8 @@ def int8_rows(ckpt: Path, work: Path, new_tokens: int, seen: dict) -> None:
         checks.append(("int8 TP=1 / ours bfloat16 TP=1 tokens/s", seen["bfloat16"][1]["next_token_ms"] / tp1["next_token_ms"], 1.25))
     for label, value, bar in checks:
         print(f"  {label:44} {value:6.3f}  (bar >= {bar})  {'PASS' if value >= bar else 'FAIL'}")
+    print(f"  {'tp/csrc/int8_gemv.cpp / torch._weight_int8pack_mm tokens/s':44} "
+          f"{torch_kernel['next_token_ms'] / tp1['next_token_ms']:6.3f}")
     ratio = sizes["int8"] / sizes["float32"]
     print(f"  partition bytes int8 / float32: {sizes['int8'] / 1e9:.2f} / {sizes['float32'] / 1e9:.2f} GB = "
           f"{ratio:.3f}  (bar <= 0.3)  {'PASS' if ratio <= 0.3 else 'FAIL'}")

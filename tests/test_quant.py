@@ -8,6 +8,7 @@ from conftest import PROMPTS
 from cut_weights import CutOptions, cut
 from tp.checkpoint import CheckpointError, CheckpointReader
 from tp.load import load_model
+from tp.cpu_kernels import int8_gemv
 from tp.quant import int8_linear, is_quantized, quantize_rows
 from tp.tokenizer import Tokenizer
 from tp_worker import spawn
@@ -24,21 +25,74 @@ def test_quantize_rows_error_is_at_most_half_a_step():
     assert (err <= scale[:, None] / 2 + 1e-7).all()
 
 
-@pytest.mark.parametrize("rows,k", [(1, 256), (5, 256), (1, 120), (3, 344)])  # 120, 344: not multiples of 16
-def test_int8_linear_against_float_within_the_derived_bound(rows, k):
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(384, k, generator=g)
-    x = torch.randn(rows, k, generator=g).bfloat16()  # the kernel's activation dtype: no input rounding
+def _quantized_product(rows: int, k: int, dtype: torch.dtype, n: int = 385):
+    g = torch.Generator().manual_seed(rows * 1000 + k)
+    w = torch.randn(n, k, generator=g)
+    x = torch.randn(rows, k, generator=g).to(dtype)
     q, scale = quantize_rows(w)
-    y = int8_linear(x, q, scale).double()
+    return x, w, q, scale
+
+
+# 1..4 rows: our GEMV; 5, 9 rows: torch's kernel (bfloat16, K % 16 == 0) or dequantization.
+# 120, 344, 17: K off a multiple of 16 (masked tails); 385 output rows: off the kernel's 4-row steps.
+@pytest.mark.parametrize("rows,k", [(1, 256), (2, 120), (3, 344), (4, 17), (5, 256), (9, 344)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_linear_against_float_within_the_derived_bound(rows, k, dtype):
+    x, w, q, scale = _quantized_product(rows, k, dtype)
+    y = int8_linear(x, q, scale)
+    assert y.dtype == dtype and y.shape == (rows, 385)
     exact = x.double() @ w.double().t()
-    # |x . (w - q s)| <= sum|x| * s / 2 (weight rounding); the kernel's bfloat16 scale and output add
-    # one relative rounding each (2^-8) of the dequantized product.
-    scale16 = scale.bfloat16().double()
-    bound = x.double().abs() @ (scale.double() / 2).unsqueeze(0).expand(k, -1) \
-        + (x.double().abs() @ (q.double() * scale16[:, None]).abs().t()) * 2 * 2 ** -8 + 1e-6
+    # |x . (w - q s)| <= sum|x| * s / 2 (weight rounding), plus the arithmetic: at worst a bfloat16
+    # scale, product and output each add one relative rounding (2^-8) of the dequantized product.
+    dequantized = x.double().abs() @ (q.double() * scale.double()[:, None]).abs().t()
+    bound = x.double().abs() @ (scale.double() / 2).unsqueeze(0).expand(k, -1) + dequantized * 3 * 2 ** -8 + 1e-6
+    err = (y.double() - exact).abs()
+    assert (err <= bound).all()
+    assert err.max() > 0, "the comparison sees a quantized product"
+
+
+@pytest.mark.parametrize("rows,k", [(1, 2048), (2, 120), (3, 344), (4, 17)])
+def test_cpu_gemv_kernel_is_float32_exact_up_to_summation_rounding(rows, k):
+    """Our kernel against the dequantized product in float64: only float32 rounding of the K-term sum
+    (and the scale) may separate them, so the bound is (K + 2) * 2^-24 of the sum of |terms|."""
+    op = int8_gemv()
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
+        assert op is None, "the kernel is AVX-512 code: it must not be used on this CPU"
+        return
+    assert op is not None, "this CPU runs AVX-512, so the kernel must have been built"
+    x, _, q, scale = _quantized_product(rows, k, torch.float32)
+    y = op(x, q, scale).double()
+    dequantized = q.double() * scale.double()[:, None]
+    exact = x.double() @ dequantized.t()
+    bound = (k + 2) * 2 ** -24 * (x.double().abs() @ dequantized.abs().t())
     assert ((y - exact).abs() <= bound).all()
-    assert (y - exact).abs().max() > 0, "the comparison sees a quantized product"
+    assert torch.equal(int8_linear(x, q, scale), op(x, q, scale)), "int8_linear routes 1-4 rows to it"
+
+
+def test_cpu_gemv_kernel_selection(monkeypatch):
+    import torch.utils.cpp_extension
+
+    import tp.cpu_kernels as kernels
+    monkeypatch.setenv(kernels.ENV, "torch")
+    assert kernels._build() is None, "INTERNLM_TP_INT8_GEMV=torch asks for torch's kernel"
+    monkeypatch.setenv(kernels.ENV, "fast")
+    with pytest.raises(ValueError, match="expected auto or torch"):
+        kernels._build()
+    monkeypatch.setenv(kernels.ENV, "auto")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with pytest.warns(UserWarning, match="capability is AVX2, not AVX512"):
+        assert kernels._build() is None
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+
+    def no_compiler(**_):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    with pytest.warns(UserWarning, match="could not build int8_gemv.cpp .*Ninja is required"):
+        assert kernels._build() is None
+    # and without the kernel, decode rows still get a correct product
+    monkeypatch.setitem(kernels._state, "op", None)
+    x, w, q, scale = _quantized_product(1, 256, torch.bfloat16)
+    assert (int8_linear(x, q, scale).double() - x.double() @ w.double().t()).abs().max() < 0.5
 
 
 def test_which_tensors_are_quantized():
@@ -79,8 +133,8 @@ def test_partition_bytes_shrink(tiny_ckpt, tmp_path):
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_int8_greedy_tokens_do_not_depend_on_tp_size(tiny_ckpt, tmp_path, world_size):
-    """float32 activations around the int8 matmuls (the kernel itself takes bfloat16 inputs): the
-    residual stream and the all-reduce stay float32, so the TP size does not move a greedy token.
+    """float32 activations: every int8 matmul (our decode kernel, the dequantizing prefill) and the
+    all-reduce stay float32, so the TP size does not move a greedy token.
     (With bfloat16 activations, float or int8, it does on near-ties, here and in every TP system.)"""
     tok = Tokenizer(tiny_ckpt)
     prompts = [tok.encode(p) for p in PROMPTS]

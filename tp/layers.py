@@ -31,12 +31,13 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device | str | None) -
 
 
 class _Weight(nn.Module):
-    """A [rows, cols] weight, float or int8 with one scale per row (`weight_scale`)."""
+    """A [rows, cols] weight, float or int8 with one float32 scale per row (`weight_scale`, kept in
+    float32 whatever the activations' `dtype`, as the checkpoint stores it)."""
 
     def _make_weight(self, rows: int, cols: int, quantized: bool, dtype: torch.dtype, device) -> None:
-        self.quantized = quantized
+        self.quantized, self.dtype = quantized, dtype
         self.weight = _empty(rows, cols, dtype=torch.int8 if quantized else dtype, device=device)
-        self.weight_scale = _empty(rows, dtype=dtype, device=device) if quantized else None
+        self.weight_scale = _empty(rows, dtype=torch.float32, device=device) if quantized else None
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not self.quantized:
@@ -95,7 +96,7 @@ class VocabParallelEmbedding(_Weight):
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(ids, self.weight)
         if self.quantized:
-            rows = rows.to(self.weight_scale.dtype) * self.weight_scale[ids].unsqueeze(-1)
+            rows = (rows.float() * self.weight_scale[ids].unsqueeze(-1)).to(self.dtype)
         return rows
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

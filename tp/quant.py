@@ -14,6 +14,8 @@ import re
 import torch
 import torch.nn.functional as F
 
+from tp.cpu_kernels import MAX_ROWS, int8_gemv
+
 QUANTIZE_CHOICES = ("none", "int8")
 _LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
 _LM_HEAD = "lm_head.weight"
@@ -45,18 +47,27 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x @ (q * scale[:, None]).T without materialising the float weight where a kernel allows.
+    """x @ (q * scale[:, None]).T without materialising the float weight where a kernel allows;
+    `scale` is float32.
 
-    CPU: torch._weight_int8pack_mm with bfloat16 activations (the kernel's fast path; other dtypes
-    are cast there and back), for K a multiple of 16. NPU: torch_npu.npu_weight_quant_batchmatmul when the installed
-    torch_npu has it. Elsewhere (CUDA): dequantise in the matmul, which torch.compile can fuse.
+    CPU, up to 4 rows of x (decode): tp/csrc/int8_gemv.cpp, float32 products and sums (tp/cpu_kernels.py
+    says where it is used). More rows (prefill) in bfloat16: torch._weight_int8pack_mm, for K a multiple
+    of 16. NPU: torch_npu.npu_weight_quant_batchmatmul when the installed torch_npu has it. Elsewhere
+    (float32 prefill on the CPU, CUDA): dequantise in the matmul, which torch.compile can fuse.
     """
     lead, k = x.shape[:-1], x.shape[-1]
-    # The CPU kernel reads past the row (garbage, or a segfault) unless K is a multiple of 16,
-    # e.g. down_proj at TP=4 of a 480-wide MLP; such layers take the dequantizing path.
-    if x.device.type == "cpu" and k % 16 == 0:
-        y = torch._weight_int8pack_mm(x.reshape(-1, k).to(torch.bfloat16), q, scale.to(torch.bfloat16))
-        return y.view(*lead, q.shape[0]).to(x.dtype)
+    if x.device.type == "cpu":
+        rows = x.numel() // k
+        gemv = int8_gemv() if rows <= MAX_ROWS else None
+        if gemv is not None:
+            y = gemv(x.reshape(rows, k).float().contiguous(), q, scale)
+            return y.view(*lead, q.shape[0]).to(x.dtype)
+        # torch's kernel rounds activations to bfloat16, so float32 ones go the dequantizing way (the
+        # same precision in every layer, whatever its shape and TP size). It also reads past the row
+        # (garbage, or a segfault) unless K is a multiple of 16, e.g. down_proj at TP=4 of a 480-wide MLP.
+        if x.dtype == torch.bfloat16 and k % 16 == 0:
+            y = torch._weight_int8pack_mm(x.reshape(-1, k), q, scale.to(torch.bfloat16))
+            return y.view(*lead, q.shape[0])
     if x.device.type == "npu":
         import torch_npu
         if hasattr(torch_npu, "npu_weight_quant_batchmatmul"):
