@@ -170,3 +170,18 @@ def test_embedding_quantization_can_be_turned_off(tiny_ckpt, tmp_path):
     at_load = dict(load_model(tiny_ckpt, 1, 2, quantize="int8", quantize_embedding=False).named_parameters())
     assert from_cut.keys() == at_load.keys() and all(torch.equal(p, from_cut[n]) for n, p in at_load.items())
     assert from_cut["model.embed_tokens.weight"].dtype == torch.float32
+
+
+def test_cpu_gemv_build_clears_a_stale_lock_but_not_a_live_one(monkeypatch, tmp_path):
+    """cpp_extension waits forever on the lock of a build killed mid-way (a hang, not an error)."""
+    import os
+
+    import tp.cpu_kernels as kernels
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = kernels._build_directory() / "lock"
+    lock.touch()
+    assert kernels._build_directory() and lock.exists(), "a fresh lock belongs to a build in progress"
+    os.utime(lock, (0, 0))
+    with pytest.warns(UserWarning, match="left by a build that did not finish"):
+        kernels._build_directory()
+    assert not lock.exists()
