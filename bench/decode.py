@@ -34,6 +34,7 @@ SHAPE = {"hidden_size": 2048, "intermediate_size": 5504, "num_attention_heads": 
          "vocab_size": 103168}
 PROMPT_LEN = 32
 PREFILL_LEN = 512
+REPEATS = 3  # every timed figure is the best of this many runs (the GEMV probe: best of 5 sweeps)
 
 
 # -- workers (each run in its own process) ---------------------------------------------------------
@@ -108,9 +109,9 @@ def worker_hf(ckpt: str, dtype: str, threads: int, new_tokens: int) -> dict:
         return time.perf_counter() - t0
 
     run(PROMPT_LEN, 4)  # warm-up
-    one = min(run(PROMPT_LEN, 1) for _ in range(2))
-    many = min(run(PROMPT_LEN, 1 + new_tokens) for _ in range(2))
-    prefill = min(run(PREFILL_LEN, 1) for _ in range(2))
+    one = min(run(PROMPT_LEN, 1) for _ in range(REPEATS))
+    many = min(run(PROMPT_LEN, 1 + new_tokens) for _ in range(REPEATS))
+    prefill = min(run(PREFILL_LEN, 1) for _ in range(REPEATS))
     return {"next_token_ms": (many - one) * 1e3 / new_tokens, "prefill_512_ms": prefill * 1e3}
 
 
@@ -126,10 +127,10 @@ def worker_ours(ckpt: str, dtype: str, threads: int, new_tokens: int, quantize: 
     model = load_model(ckpt, d.rank, d.world_size, d.device, dtype, quantize)
     prompt = [_prompt(PROMPT_LEN, SHAPE["vocab_size"])]
     generate(model, prompt, 4, eos_id=-1)  # warm-up
-    nxt = min(generate(model, prompt, 1 + new_tokens, eos_id=-1).next_token_ms for _ in range(2))
+    nxt = min(generate(model, prompt, 1 + new_tokens, eos_id=-1).next_token_ms for _ in range(REPEATS))
     long_prompt = [_prompt(PREFILL_LEN, SHAPE["vocab_size"])]
     generate(model, long_prompt, 1, eos_id=-1)
-    prefill = min(generate(model, long_prompt, 1, eos_id=-1).first_token_ms for _ in range(2))
+    prefill = min(generate(model, long_prompt, 1, eos_id=-1).first_token_ms for _ in range(REPEATS))
     times = torch.tensor([nxt, prefill], dtype=torch.float64)
     if d.world_size > 1:
         dist.all_reduce(times, op=dist.ReduceOp.MAX)
