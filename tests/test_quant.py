@@ -1,5 +1,6 @@
 """Weight-only int8: error bounds, cut == load-time quantization bit for bit, TP=2 == TP=1, refusals."""
 import json
+import os
 
 import pytest
 import torch
@@ -52,21 +53,48 @@ def test_int8_linear_against_float_within_the_derived_bound(rows, k, dtype):
 
 
 @pytest.mark.parametrize("rows,k", [(1, 2048), (2, 120), (3, 344), (4, 17)])
-def test_cpu_gemv_kernel_is_float32_exact_up_to_summation_rounding(rows, k):
+def test_cpu_gemv_kernel_is_float32_exact_up_to_summation_rounding(rows, k, monkeypatch):
     """Our kernel against the dequantized product in float64: only float32 rounding of the K-term sum
     (and the scale) may separate them, so the bound is (K + 2) * 2^-24 of the sum of |terms|."""
-    op = int8_gemv()
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
+    import tp.cpu_kernels as kernels
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    op = kernels._build()
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
         assert op is None, "the kernel is AVX-512 code: it must not be used on this CPU"
         return
     assert op is not None, "this CPU runs AVX-512, so the kernel must have been built"
-    x, _, q, scale = _quantized_product(rows, k, torch.float32)
-    y = op(x, q, scale).double()
+    monkeypatch.setitem(kernels._state, "op", op)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the rows split over threads (a 2048-wide row: 8 row groups a thread)
+    try:
+        x, _, q, scale = _quantized_product(rows, k, torch.float32, n=4097 if k == 2048 else 385)
+        y = op(x, q, scale).double()
+        assert torch.equal(int8_linear(x, q, scale), op(x, q, scale)), "int8_linear routes 1-4 rows to it"
+    finally:
+        torch.set_num_threads(threads)
     dequantized = q.double() * scale.double()[:, None]
     exact = x.double() @ dequantized.t()
     bound = (k + 2) * 2 ** -24 * (x.double().abs() @ dequantized.abs().t())
     assert ((y - exact).abs() <= bound).all()
-    assert torch.equal(int8_linear(x, q, scale), op(x, q, scale)), "int8_linear routes 1-4 rows to it"
+
+
+def test_int8_linear_routes_each_case_to_its_path(monkeypatch):
+    """torch's kernel only ever sees bfloat16 activations and K % 16 == 0 (it rounds inputs to
+    bfloat16 and reads past shorter rows); empty inputs give empty or zero outputs."""
+    seen = []
+    real = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda x, q, s: seen.append((x.dtype, x.shape)) or real(x, q, s))
+    for rows, k, dtype in [(1, 256, torch.bfloat16), (4, 256, torch.bfloat16), (5, 256, torch.float32),
+                           (5, 120, torch.bfloat16), (5, 256, torch.bfloat16)]:
+        x, _, q, scale = _quantized_product(rows, k, dtype)
+        int8_linear(x, q, scale)
+    expected_gemv = int8_gemv() is not None
+    assert seen == ([] if expected_gemv else [(torch.bfloat16, (1, 256)), (torch.bfloat16, (4, 256))]) \
+        + [(torch.bfloat16, (5, 256))]
+    q, scale = quantize_rows(torch.randn(7, 32))
+    assert int8_linear(torch.randn(0, 32), q, scale).shape == (0, 7)
+    empty_k = int8_linear(torch.randn(2, 0), torch.zeros(7, 0, dtype=torch.int8), torch.ones(7))
+    assert empty_k.shape == (2, 7) and not empty_k.any()
 
 
 def test_cpu_gemv_kernel_selection(monkeypatch):
@@ -87,7 +115,7 @@ def test_cpu_gemv_kernel_selection(monkeypatch):
     def no_compiler(**_):
         raise RuntimeError("Ninja is required to load C++ extensions")
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    with pytest.warns(UserWarning, match="could not build int8_gemv.cpp .*Ninja is required"):
+    with pytest.warns(UserWarning, match="could not build int8_gemv.cpp .*Ninja is required.*torch's int8 paths"):
         assert kernels._build() is None
     # and without the kernel, decode rows still get a correct product
     monkeypatch.setitem(kernels._state, "op", None)
@@ -172,16 +200,27 @@ def test_embedding_quantization_can_be_turned_off(tiny_ckpt, tmp_path):
     assert from_cut["model.embed_tokens.weight"].dtype == torch.float32
 
 
-def test_cpu_gemv_build_clears_a_stale_lock_but_not_a_live_one(monkeypatch, tmp_path):
-    """cpp_extension waits forever on the lock of a build killed mid-way (a hang, not an error)."""
-    import os
+def test_cpu_gemv_build_waits_for_a_live_build_and_clears_a_dead_ones_lock(tmp_path):
+    """cpp_extension waits forever on the `lock` file of a build killed mid-way (a hang, not an
+    error). Ours takes an flock first, which dies with its process: while another process holds it,
+    we wait; once we hold it, a leftover `lock` is removed and the build goes on."""
+    import fcntl
+    import subprocess
+    import sys
+    import time
 
     import tp.cpu_kernels as kernels
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    lock = kernels._build_directory() / "lock"
-    lock.touch()
-    assert kernels._build_directory() and lock.exists(), "a fresh lock belongs to a build in progress"
-    os.utime(lock, (0, 0))
-    with pytest.warns(UserWarning, match="left by a build that did not finish"):
-        kernels._build_directory()
-    assert not lock.exists()
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), kernels.ENV: "auto"}
+    directory = tmp_path / kernels._build_directory().name
+    directory.mkdir()
+    (directory / "lock").touch()  # as a SIGKILLed build leaves it
+    with open(directory / "internlm_tp.flock", "w") as live_build:
+        fcntl.flock(live_build, fcntl.LOCK_EX)
+        proc = subprocess.Popen([sys.executable, "-W", "always", "-c",
+                                 "from tp.cpu_kernels import int8_gemv; print(int8_gemv())"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(3)
+        assert proc.poll() is None and (directory / "lock").exists(), "it waits while a build is live"
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and out.strip() == "internlm_tp.int8_gemv", err
+    assert "left by a build that did not finish" in err and not (directory / "lock").exists()

@@ -158,7 +158,7 @@ class InternLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The activations' dtype (int8 weights keep their scales in it)."""
+        """The activations' dtype (int8 weights keep their scales in float32)."""
         return self.model.norm.weight.dtype
 
     @property

@@ -57,8 +57,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     """
     lead, k = x.shape[:-1], x.shape[-1]
     if x.device.type == "cpu":
-        rows = x.numel() // k
-        gemv = int8_gemv() if rows <= MAX_ROWS else None
+        rows = x.numel() // k if k else 0
+        gemv = int8_gemv() if 0 < rows <= MAX_ROWS else None
         if gemv is not None:
             y = gemv(x.reshape(rows, k).float().contiguous(), q, scale)
             return y.view(*lead, q.shape[0]).to(x.dtype)

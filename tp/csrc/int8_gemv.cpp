@@ -29,13 +29,14 @@ inline __m512 load_weights(const int8_t* p, __mmask16 mask) {
 template <int R, int M>
 void dot_rows(const float* x, const int8_t* q, const float* scale, float* y, int64_t N, int64_t K,
               int64_t n) {
+  const bool ahead_in_q = n + 2 * R <= N;  // the rows to prefetch exist
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
   const int8_t* row = q + n * K;
   for (int64_t k = 0; k < K; k += 16) {
     const __mmask16 mask = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
-    if ((k & 63) == 0)  // one cache line per row every 4 steps, one group of rows ahead
+    if (ahead_in_q && (k & 63) == 0)  // one cache line per row every 4 steps, one group of rows ahead
       for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(row + r * K + k + R * K), _MM_HINT_T0);
     __m512 xv[M];
     for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, x + m * K + k);
@@ -65,6 +66,7 @@ void gemv(const float* x, const int8_t* q, const float* scale, float* y, int64_t
 }
 
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
+  TORCH_CHECK(x.device().is_cpu() && q.device().is_cpu() && scale.device().is_cpu(), "int8_gemv runs on the CPU");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(), "q: contiguous int8 [N, K]");
   TORCH_CHECK(scale.dim() == 1 && scale.scalar_type() == at::kFloat && scale.is_contiguous(), "scale: float32 [N]");
@@ -72,6 +74,7 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   TORCH_CHECK(q.size(1) == K && scale.size(0) == N, "shapes: x [M, K], q [N, K], scale [N]");
   TORCH_CHECK(M >= 1 && M <= 4, "int8_gemv takes 1 to 4 rows of x, got ", M);
   at::Tensor y = at::empty({M, N}, x.options());
+  if (N == 0 || K == 0) return y.zero_();
   const float* xp = x.data_ptr<float>();
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
