@@ -192,6 +192,10 @@ def int8_rows(ckpt: Path, work: Path, new_tokens: int, seen: dict) -> None:
         print(f"  {label:44} {value:6.3f}  (bar >= {bar})  {'PASS' if value >= bar else 'FAIL'}")
     print(f"  {'tp/csrc/int8_gemv.cpp / torch._weight_int8pack_mm tokens/s':44} "
           f"{torch_kernel['next_token_ms'] / tp1['next_token_ms']:6.3f}")
+    if "bfloat16" in seen:
+        bf16 = seen["bfloat16"][1]["prefill_512_ms"]
+        print(f"  first token at input 512: int8 TP=1 {tp1['prefill_512_ms']:.1f} ms, TP=2 {tp2['prefill_512_ms']:.1f} ms, "
+              f"ours bfloat16 TP=1 {bf16:.1f} ms")
     ratio = sizes["int8"] / sizes["float32"]
     print(f"  partition bytes int8 / float32: {sizes['int8'] / 1e9:.2f} / {sizes['float32'] / 1e9:.2f} GB = "
           f"{ratio:.3f}  (bar <= 0.3)  {'PASS' if ratio <= 0.3 else 'FAIL'}")

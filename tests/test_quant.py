@@ -34,9 +34,9 @@ def _quantized_product(rows: int, k: int, dtype: torch.dtype, n: int = 385):
     return x, w, q, scale
 
 
-# 1..4 rows: our GEMV; 5, 9 rows: torch's kernel (bfloat16, K % 16 == 0) or dequantization.
+# up to 32 rows: our kernel; 40 rows: the dequantized GEMM (bfloat16 or float32).
 # 120, 344, 17: K off a multiple of 16 (masked tails); 385 output rows: off the kernel's 4-row steps.
-@pytest.mark.parametrize("rows,k", [(1, 256), (2, 120), (3, 344), (4, 17), (5, 256), (9, 344)])
+@pytest.mark.parametrize("rows,k", [(1, 256), (2, 120), (3, 344), (4, 17), (9, 344), (32, 256), (40, 256), (40, 120)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_int8_linear_against_float_within_the_derived_bound(rows, k, dtype):
     x, w, q, scale = _quantized_product(rows, k, dtype)
@@ -52,7 +52,7 @@ def test_int8_linear_against_float_within_the_derived_bound(rows, k, dtype):
     assert err.max() > 0, "the comparison sees a quantized product"
 
 
-@pytest.mark.parametrize("rows,k", [(1, 2048), (2, 120), (3, 344), (4, 17)])
+@pytest.mark.parametrize("rows,k", [(1, 2048), (2, 120), (3, 344), (4, 17), (7, 2048), (32, 120)])
 def test_cpu_gemv_kernel_is_float32_exact_up_to_summation_rounding(rows, k, monkeypatch):
     """Our kernel against the dequantized product in float64: only float32 rounding of the K-term sum
     (and the scale) may separate them, so the bound is (K + 2) * 2^-24 of the sum of |terms|."""
@@ -69,7 +69,7 @@ def test_cpu_gemv_kernel_is_float32_exact_up_to_summation_rounding(rows, k, monk
     try:
         x, _, q, scale = _quantized_product(rows, k, torch.float32, n=4097 if k == 2048 else 385)
         y = op(x, q, scale).double()
-        assert torch.equal(int8_linear(x, q, scale), op(x, q, scale)), "int8_linear routes 1-4 rows to it"
+        assert torch.equal(int8_linear(x, q, scale), op(x, q, scale)), "int8_linear routes <= 32 rows to it"
     finally:
         torch.set_num_threads(threads)
     dequantized = q.double() * scale.double()[:, None]
@@ -79,22 +79,40 @@ def test_cpu_gemv_kernel_is_float32_exact_up_to_summation_rounding(rows, k, monk
 
 
 def test_int8_linear_routes_each_case_to_its_path(monkeypatch):
-    """torch's kernel only ever sees bfloat16 activations and K % 16 == 0 (it rounds inputs to
-    bfloat16 and reads past shorter rows); empty inputs give empty or zero outputs."""
+    """Up to 32 rows: our kernel, or without it torch's kernel, which must only ever see bfloat16
+    activations and K % 16 == 0 (it rounds inputs to bfloat16 and reads past shorter rows); more rows:
+    the dequantized GEMM. Empty inputs give empty or zero outputs."""
+    import tp.cpu_kernels as kernels
+    import tp.quant as quant
     seen = []
-    real = torch._weight_int8pack_mm
-    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda x, q, s: seen.append((x.dtype, x.shape)) or real(x, q, s))
-    for rows, k, dtype in [(1, 256, torch.bfloat16), (4, 256, torch.bfloat16), (5, 256, torch.float32),
-                           (5, 120, torch.bfloat16), (5, 256, torch.bfloat16)]:
-        x, _, q, scale = _quantized_product(rows, k, dtype)
-        int8_linear(x, q, scale)
-    expected_gemv = int8_gemv() is not None
-    assert seen == ([] if expected_gemv else [(torch.bfloat16, (1, 256)), (torch.bfloat16, (4, 256))]) \
-        + [(torch.bfloat16, (5, 256))]
+    real_pack, real_dequant = torch._weight_int8pack_mm, quant.dequantized_linear
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda x, q, s: seen.append(("torch", *x.shape)) or real_pack(x, q, s))
+    monkeypatch.setattr(quant, "dequantized_linear", lambda x, q, s: seen.append(("dequant", *x.shape)) or real_dequant(x, q, s))
+    cases = [(1, 256, torch.bfloat16), (32, 256, torch.bfloat16), (5, 256, torch.float32), (5, 120, torch.bfloat16),
+             (33, 256, torch.bfloat16), (33, 256, torch.float32)]
+    for kernel in (kernels.int8_gemv(), None):
+        monkeypatch.setitem(kernels._state, "op", kernel)
+        seen.clear()
+        for rows, k, dtype in cases:
+            x, _, q, scale = _quantized_product(rows, k, dtype)
+            int8_linear(x, q, scale)
+        large = [("dequant", 33, 256), ("dequant", 33, 256)]
+        if kernel is not None:
+            assert seen == large, "<= 32 rows: the kernel; more: the dequantized GEMM"
+        else:
+            assert seen == [("torch", 1, 256), ("torch", 32, 256), ("dequant", 5, 256), ("dequant", 5, 120)] + large
     q, scale = quantize_rows(torch.randn(7, 32))
     assert int8_linear(torch.randn(0, 32), q, scale).shape == (0, 7)
     empty_k = int8_linear(torch.randn(2, 0), torch.zeros(7, 0, dtype=torch.int8), torch.ones(7))
     assert empty_k.shape == (2, 7) and not empty_k.any()
+
+
+def test_dequantized_linear_in_blocks_equals_one_block(monkeypatch):
+    import tp.quant as quant
+    x, _, q, scale = _quantized_product(6, 64, torch.float32, n=1000)
+    whole = quant.dequantized_linear(x, q, scale)
+    monkeypatch.setattr(quant, "_DEQUANT_BLOCK_BYTES", 64 * 4 * 300)  # blocks of 300 rows, the last one 100
+    assert torch.equal(quant.dequantized_linear(x, q, scale), whole)
 
 
 def test_cpu_gemv_kernel_selection(monkeypatch):

@@ -1,6 +1,9 @@
-// Weight-only int8 GEMV for batch-1..4 decode on AVX-512 CPUs (tp/cpu_kernels.py builds it).
+// Weight-only int8 GEMV for decode and short prefills on AVX-512 CPUs (tp/cpu_kernels.py builds it).
 //
 //   y[m, n] = scale[n] * sum_k x[m, k] * q[n, k]      x float32 [M, K], q int8 [N, K], scale float32 [N]
+//
+// Meant for few rows of x (tp/quant.py sends it up to MAX_ROWS): each weight row is read from memory
+// once, and the arithmetic grows with M; past a few dozen rows a dequantized GEMM is faster.
 //
 // Why not torch._weight_int8pack_mm: when the weights stream from memory (a decode step reads each
 // matrix once, so nothing stays in cache) that kernel reaches ~15 G weights/s on 2 cores, the speed
@@ -49,17 +52,33 @@ void dot_rows(const float* x, const int8_t* q, const float* scale, float* y, int
     for (int m = 0; m < M; ++m) y[m * N + n + r] = _mm512_reduce_add_ps(acc[r][m]) * scale[n + r];
 }
 
-template <int M>
-void gemv(const float* x, const int8_t* q, const float* scale, float* y, int64_t N, int64_t K) {
+// Rows [n, n + R) of q against all M rows of x, 4 rows of x at a time: the R weight rows come from
+// memory once and from cache for every further 4 rows of x.
+template <int R>
+void dot_rows_all(const float* x, const int8_t* q, const float* scale, float* y, int64_t M, int64_t N,
+                  int64_t K, int64_t n) {
+  for (int64_t m = 0; m < M; m += 4) {
+    const float* xm = x + m * K;
+    float* ym = y + m * N;
+    switch (std::min<int64_t>(4, M - m)) {
+      case 1: dot_rows<R, 1>(xm, q, scale, ym, N, K, n); break;
+      case 2: dot_rows<R, 2>(xm, q, scale, ym, N, K, n); break;
+      case 3: dot_rows<R, 3>(xm, q, scale, ym, N, K, n); break;
+      default: dot_rows<R, 4>(xm, q, scale, ym, N, K, n); break;
+    }
+  }
+}
+
+void gemv(const float* x, const int8_t* q, const float* scale, float* y, int64_t M, int64_t N, int64_t K) {
   const int64_t groups = (N + kRows - 1) / kRows;
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / (kRows * K));  // >= 64 KiB of weights a thread
   at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const int64_t n = g * kRows;
       if (n + kRows <= N) {
-        dot_rows<kRows, M>(x, q, scale, y, N, K, n);
+        dot_rows_all<kRows>(x, q, scale, y, M, N, K, n);
       } else {
-        for (int64_t i = n; i < N; ++i) dot_rows<1, M>(x, q, scale, y, N, K, i);
+        for (int64_t i = n; i < N; ++i) dot_rows_all<1>(x, q, scale, y, M, N, K, i);
       }
     }
   });
@@ -72,19 +91,13 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   TORCH_CHECK(scale.dim() == 1 && scale.scalar_type() == at::kFloat && scale.is_contiguous(), "scale: float32 [N]");
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
   TORCH_CHECK(q.size(1) == K && scale.size(0) == N, "shapes: x [M, K], q [N, K], scale [N]");
-  TORCH_CHECK(M >= 1 && M <= 4, "int8_gemv takes 1 to 4 rows of x, got ", M);
   at::Tensor y = at::empty({M, N}, x.options());
-  if (N == 0 || K == 0) return y.zero_();
+  if (M == 0 || N == 0 || K == 0) return y.zero_();
   const float* xp = x.data_ptr<float>();
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  switch (M) {
-    case 1: gemv<1>(xp, qp, sp, yp, N, K); break;
-    case 2: gemv<2>(xp, qp, sp, yp, N, K); break;
-    case 3: gemv<3>(xp, qp, sp, yp, N, K); break;
-    default: gemv<4>(xp, qp, sp, yp, N, K); break;
-  }
+  gemv(xp, qp, sp, yp, M, N, K);
   return y;
 }
 
