@@ -34,7 +34,7 @@ def _quantized_product(rows: int, k: int, dtype: torch.dtype, n: int = 385):
     return x, w, q, scale
 
 
-# up to 32 rows: our kernel; 40 rows: the dequantized GEMM (bfloat16 or float32).
+# up to 16 rows: our kernel; more: the dequantized GEMM (bfloat16 or float32).
 # 120, 344, 17: K off a multiple of 16 (masked tails); 385 output rows: off the kernel's 4-row steps.
 @pytest.mark.parametrize("rows,k", [(1, 256), (2, 120), (3, 344), (4, 17), (9, 344), (32, 256), (40, 256), (40, 120)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -52,7 +52,7 @@ def test_int8_linear_against_float_within_the_derived_bound(rows, k, dtype):
     assert err.max() > 0, "the comparison sees a quantized product"
 
 
-@pytest.mark.parametrize("rows,k", [(1, 2048), (2, 120), (3, 344), (4, 17), (7, 2048), (32, 120)])
+@pytest.mark.parametrize("rows,k", [(1, 2048), (2, 120), (3, 344), (4, 17), (7, 2048), (16, 120)])
 def test_cpu_gemv_kernel_is_float32_exact_up_to_summation_rounding(rows, k, monkeypatch):
     """Our kernel against the dequantized product in float64: only float32 rounding of the K-term sum
     (and the scale) may separate them, so the bound is (K + 2) * 2^-24 of the sum of |terms|."""
@@ -69,7 +69,7 @@ def test_cpu_gemv_kernel_is_float32_exact_up_to_summation_rounding(rows, k, monk
     try:
         x, _, q, scale = _quantized_product(rows, k, torch.float32, n=4097 if k == 2048 else 385)
         y = op(x, q, scale).double()
-        assert torch.equal(int8_linear(x, q, scale), op(x, q, scale)), "int8_linear routes <= 32 rows to it"
+        assert torch.equal(int8_linear(x, q, scale), op(x, q, scale)), "int8_linear routes <= 16 rows to it"
     finally:
         torch.set_num_threads(threads)
     dequantized = q.double() * scale.double()[:, None]
@@ -79,7 +79,7 @@ def test_cpu_gemv_kernel_is_float32_exact_up_to_summation_rounding(rows, k, monk
 
 
 def test_int8_linear_routes_each_case_to_its_path(monkeypatch):
-    """Up to 32 rows: our kernel, or without it torch's kernel, which must only ever see bfloat16
+    """Up to 16 rows: our kernel, or without it torch's kernel, which must only ever see bfloat16
     activations and K % 16 == 0 (it rounds inputs to bfloat16 and reads past shorter rows); more rows:
     the dequantized GEMM. Empty inputs give empty or zero outputs."""
     import tp.cpu_kernels as kernels
@@ -88,19 +88,19 @@ def test_int8_linear_routes_each_case_to_its_path(monkeypatch):
     real_pack, real_dequant = torch._weight_int8pack_mm, quant.dequantized_linear
     monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda x, q, s: seen.append(("torch", *x.shape)) or real_pack(x, q, s))
     monkeypatch.setattr(quant, "dequantized_linear", lambda x, q, s: seen.append(("dequant", *x.shape)) or real_dequant(x, q, s))
-    cases = [(1, 256, torch.bfloat16), (32, 256, torch.bfloat16), (5, 256, torch.float32), (5, 120, torch.bfloat16),
-             (33, 256, torch.bfloat16), (33, 256, torch.float32)]
+    cases = [(1, 256, torch.bfloat16), (16, 256, torch.bfloat16), (5, 256, torch.float32), (5, 120, torch.bfloat16),
+             (17, 256, torch.bfloat16), (17, 256, torch.float32)]
     for kernel in (kernels.int8_gemv(), None):
         monkeypatch.setitem(kernels._state, "op", kernel)
         seen.clear()
         for rows, k, dtype in cases:
             x, _, q, scale = _quantized_product(rows, k, dtype)
             int8_linear(x, q, scale)
-        large = [("dequant", 33, 256), ("dequant", 33, 256)]
+        large = [("dequant", 17, 256), ("dequant", 17, 256)]
         if kernel is not None:
-            assert seen == large, "<= 32 rows: the kernel; more: the dequantized GEMM"
+            assert seen == large, "<= 16 rows: the kernel; more: the dequantized GEMM"
         else:
-            assert seen == [("torch", 1, 256), ("torch", 32, 256), ("dequant", 5, 256), ("dequant", 5, 120)] + large
+            assert seen == [("torch", 1, 256), ("torch", 16, 256), ("dequant", 5, 256), ("dequant", 5, 120)] + large
     q, scale = quantize_rows(torch.randn(7, 32))
     assert int8_linear(torch.randn(0, 32), q, scale).shape == (0, 7)
     empty_k = int8_linear(torch.randn(2, 0), torch.zeros(7, 0, dtype=torch.int8), torch.ones(7))
@@ -108,10 +108,17 @@ def test_int8_linear_routes_each_case_to_its_path(monkeypatch):
 
 
 def test_dequantized_linear_in_blocks_equals_one_block(monkeypatch):
+    """Blocks of rows through one reused scratch buffer: the same result as one block, and as the
+    plainly dequantized weight, call after call (the buffer holds the previous call's weights)."""
     import tp.quant as quant
     x, _, q, scale = _quantized_product(6, 64, torch.float32, n=1000)
     whole = quant.dequantized_linear(x, q, scale)
+    assert torch.allclose(whole, x @ (q.float() * scale[:, None]).t(), rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(quant, "_DEQUANT_BLOCK_BYTES", 64 * 4 * 300)  # blocks of 300 rows, the last one 100
+    assert torch.equal(quant.dequantized_linear(x, q, scale), whole)
+    x2, _, q2, scale2 = _quantized_product(3, 16, torch.float32, n=50)  # a smaller weight after a larger one
+    assert torch.allclose(quant.dequantized_linear(x2, q2, scale2), x2 @ (q2.float() * scale2[:, None]).t(),
+                          rtol=1e-5, atol=1e-5)
     assert torch.equal(quant.dequantized_linear(x, q, scale), whole)
 
 

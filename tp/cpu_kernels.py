@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 ENV = "INTERNLM_TP_INT8_GEMV"  # "auto" (default) or "torch"
-MAX_ROWS = 32  # rows of activations sent to the kernel; past ~40 a dequantized GEMM is faster here
+MAX_ROWS = 16  # rows of activations sent to the kernel; past ~17 a dequantized GEMM is faster here
 _SOURCE = Path(__file__).with_name("csrc") / "int8_gemv.cpp"
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp"]
 _state: dict[str, object] = {}
