@@ -45,6 +45,20 @@ def test_bad_config_is_a_clear_error(raw, message):
         ModelConfig.from_dict(raw)
 
 
+@pytest.mark.parametrize("text", ['{"hidden_size": ' + "9" * 5000 + "}",  # past Python's int digit limit
+                                  "[" * 100_000 + "]" * 100_000,  # nesting past the recursion limit
+                                  "{not json", b"\xff\xfe".decode("latin-1")])
+def test_unreadable_config_and_manifest_files_are_named(tmp_path, text):
+    from tp.checkpoint import CheckpointError
+    from tp.partition import read_manifest
+    (tmp_path / "config.json").write_text(text, encoding="latin-1" if text.startswith("\xff") else "utf-8")
+    with pytest.raises(ConfigError, match="config.json: not valid JSON"):
+        ModelConfig.load(tmp_path)
+    (tmp_path / "config.json").rename(tmp_path / "manifest.json")
+    with pytest.raises(CheckpointError, match="manifest.json: not valid JSON"):
+        read_manifest(tmp_path)
+
+
 def _counts(npu=0, cuda=0):
     return {"npu": lambda: npu, "cuda": lambda: cuda, "cpu": lambda: 1}
 

@@ -18,6 +18,15 @@ class ConfigError(ValueError):
     """A config.json that is missing keys, has keys of the wrong type, or does not fit the TP size."""
 
 
+def read_json(path: Path, error: type[Exception]):
+    """The JSON document in `path`, or `error` naming the file: bad UTF-8, bad JSON, and what
+    json.loads raises beyond JSONDecodeError (an integer past Python's digit limit, deep nesting)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise error(f"{path}: not valid JSON ({err})") from err
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     hidden_size: int
@@ -87,11 +96,7 @@ class ModelConfig:
         path = Path(checkpoint_dir) / "config.json"
         if not path.is_file():
             raise ConfigError(f"{path}: not found (is {checkpoint_dir} a checkpoint directory?)")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from err
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_json(path, ConfigError), source=str(path))
 
     def check_divisible(self, world_size: int) -> None:
         """Refuse a TP size that does not split the heads or the MLP evenly (vocab is padded instead)."""

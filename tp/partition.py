@@ -5,10 +5,10 @@ checks that the cut was made for this world size and that its own files are all 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tp.checkpoint import CheckpointError
+from tp.config import read_json
 
 MANIFEST = "manifest.json"
 FORMAT = "internlm-tp-cut"
@@ -29,10 +29,7 @@ def read_manifest(root: str | Path) -> dict:
     path = root / MANIFEST
     if not path.is_file():
         raise CheckpointError(f"{root}: incomplete cut (no {MANIFEST}; the cut did not finish): cut it again")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from err
+    manifest = read_json(path, CheckpointError)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an internlm-tp cut manifest")
     if manifest.get("version") != VERSION:
@@ -61,7 +58,7 @@ def open_partition(root: str | Path, rank: int, world_size: int) -> tuple[Path, 
         if path.stat().st_size != size:
             raise CheckpointError(f"{path}: {path.stat().st_size} bytes, the manifest says {size} "
                                   f"(truncated or corrupted): cut again")
-    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    config = read_json(directory / "config.json", CheckpointError)
     tp_info = config.get("tensor_parallel", {})
     if tp_info != {"world_size": world_size, "rank": rank}:
         raise CheckpointError(f"{directory / 'config.json'}: tensor_parallel is {tp_info}, "
