@@ -10,8 +10,9 @@ in float32 and bfloat16, plus the first-token time at input 512 against transfor
 Bars (issue 5): ours TP=1 within 1.1x of the roofline; >= 1.15x transformers' tokens/s in float32,
 >= 1.2x in bfloat16; TP=2 >= 0.9x TP=1; prefill at 512 no slower than transformers.
 Then weight-only int8 (issue 7, bfloat16 activations) at TP=1 and TP=2, and TP=1 again with torch's
-int8 kernel in place of ours (INTERNLM_TP_INT8_GEMV=torch), GB/s on the bytes actually read (int8 + scales): >= 2.0x transformers float32 and >= 1.25x our bfloat16 in tokens/s, and
-partition bytes on disk <= 0.3x float32's.
+int8 kernel in place of ours (INTERNLM_TP_INT8_GEMV=torch), GB/s on the bytes actually read
+(int8 + scales): >= 2.0x transformers float32 and >= 1.25x our bfloat16 in tokens/s, and partition
+bytes on disk <= 0.3x float32's; and int8's first-token time at input 512 beside bfloat16's.
 
     python bench/decode.py [--dtypes float32,bfloat16] [--new-tokens 32] [--workdir DIR]
 """

@@ -9,7 +9,6 @@ from conftest import PROMPTS
 from cut_weights import CutOptions, cut
 from tp.checkpoint import CheckpointError, CheckpointReader
 from tp.load import load_model
-from tp.cpu_kernels import int8_gemv
 from tp.quant import int8_linear, is_quantized, quantize_rows
 from tp.tokenizer import Tokenizer
 from tp_worker import spawn

@@ -2,13 +2,14 @@
 //
 //   y[m, n] = scale[n] * sum_k x[m, k] * q[n, k]      x float32 [M, K], q int8 [N, K], scale float32 [N]
 //
-// Meant for few rows of x (tp/quant.py sends it up to MAX_ROWS): each weight row is read from memory
-// once, and the arithmetic grows with M; past a few dozen rows a dequantized GEMM is faster.
+// Meant for few rows of x (tp/quant.py sends it up to MAX_ROWS = 16): each weight row is read from
+// memory once, and the arithmetic grows with M; past ~17 rows a dequantized GEMM is faster here.
 //
 // Why not torch._weight_int8pack_mm: when the weights stream from memory (a decode step reads each
 // matrix once, so nothing stays in cache) that kernel reaches ~15 G weights/s on 2 cores, the speed
 // of a bfloat16 GEMV, because the hardware prefetcher does not keep up with its row streams. This one
-// walks 4 rows at a time and prefetches the next 4 rows by hand: ~22 G weights/s (bench/decode.py).
+// walks 4 rows at a time and prefetches the next 4 rows by hand: ~22 G weights/s on 2 cores (a probe
+// over InternLM's matrix shapes; bench/decode.py shows the whole decode step).
 // Products are formed and summed in float32, as a float GEMV would; only the weights are int8.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
