@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -59,6 +60,16 @@ def read_full_state(ckpt: Path) -> dict[str, torch.Tensor]:
     for file in sorted(set(index["weight_map"].values())):
         sd.update(torch.load(ckpt / file, weights_only=True))
     return sd
+
+
+def copy_with_index_entry(ckpt: Path, dst: Path, name: str, shard: str) -> Path:
+    """A copy of checkpoint `ckpt` whose index also maps tensor `name` (absent from every file) to `shard`."""
+    shutil.copytree(ckpt, dst)
+    index_path = dst / "pytorch_model.bin.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"][name] = shard
+    index_path.write_text(json.dumps(index))
+    return dst
 
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))

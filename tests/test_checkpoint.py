@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import FileCreatingPayload, read_full_state
+from conftest import FileCreatingPayload, copy_with_index_entry, read_full_state
 from tp.checkpoint import CheckpointError, CheckpointReader, read_shard
 from tp.config import ModelConfig
 from tp.load import expected_names, load_model
@@ -100,11 +100,8 @@ def test_missing_shard_is_named(tiny_ckpt, tmp_path):
 
 
 def test_index_naming_an_absent_tensor_is_named(tiny_ckpt, tmp_path):
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_ckpt, broken)
-    index = json.loads((broken / "pytorch_model.bin.index.json").read_text())
-    index["weight_map"]["model.layers.0.mlp.extra.weight"] = "pytorch_model-00001-of-00003.bin"
-    (broken / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    broken = copy_with_index_entry(tiny_ckpt, tmp_path / "broken", "model.layers.0.mlp.extra.weight",
+                                   "pytorch_model-00001-of-00003.bin")
     with CheckpointReader(broken) as reader, pytest.raises(CheckpointError, match="mlp.extra.weight"):
         reader.read("model.layers.0.mlp.extra.weight")
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import PROMPTS, ROOT, FileCreatingPayload, read_full_state
+from conftest import PROMPTS, ROOT, FileCreatingPayload, copy_with_index_entry, read_full_state
 from cut_weights import CutError, CutOptions, cut
 from cut_weights.__main__ import main as cli
 from tp.checkpoint import CheckpointError, CheckpointReader
@@ -131,11 +131,8 @@ def test_missing_shard_named(tiny_ckpt, tmp_path):
 
 
 def test_index_naming_an_absent_tensor_named(tiny_ckpt, tmp_path):
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_ckpt, broken)
-    index = json.loads((broken / "pytorch_model.bin.index.json").read_text())
-    index["weight_map"]["model.layers.9.mlp.up_proj.weight"] = "pytorch_model-00002-of-00003.bin"
-    (broken / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    broken = copy_with_index_entry(tiny_ckpt, tmp_path / "broken", "model.layers.9.mlp.up_proj.weight",
+                                   "pytorch_model-00002-of-00003.bin")
     with pytest.raises(CheckpointError, match="model.layers.9.mlp.up_proj.weight.*not in the file"):
         cut(CutOptions(str(broken), str(tmp_path / "out"), 2, progress=False))
     assert not (tmp_path / "out").exists()
