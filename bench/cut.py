@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tp.tiny import TINY_CONFIG, default_ceval_dir, train_tokenizer  # noqa: E402
+from tp.tiny import TINY_CONFIG, train_tokenizer  # noqa: E402
 
 SHAPES = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "vocab_size": 103168}
 
@@ -54,7 +54,7 @@ def build_checkpoint(out: Path, layers: int) -> int:
     out.mkdir(parents=True)
     cfg = {**TINY_CONFIG, **SHAPES, "num_hidden_layers": layers, "torch_dtype": "float16"}
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    (out / "tokenizer.model").write_bytes(train_tokenizer(default_ceval_dir(), 4999))
+    (out / "tokenizer.model").write_bytes(train_tokenizer(4999))
     g = torch.Generator().manual_seed(0)
     h, inter, vocab = SHAPES["hidden_size"], SHAPES["intermediate_size"], SHAPES["vocab_size"]
     groups = [lambda: {"model.embed_tokens.weight": (torch.randn(vocab, h, generator=g) * 0.02).half()}]

@@ -11,6 +11,7 @@ absolute error of its next-token logits against float32's.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -25,7 +26,8 @@ from launch.precision import encode_prompt  # noqa: E402
 from tp import ceval  # noqa: E402
 from tp.generate import next_token_logits  # noqa: E402
 from tp.load import load_model  # noqa: E402
-from tp.tiny import default_ceval_dir, write_tiny_checkpoint  # noqa: E402
+from tp.demo_data import is_demo_set, write_demo_set  # noqa: E402
+from tp.tiny import write_tiny_checkpoint  # noqa: E402
 from tp.tokenizer import Tokenizer  # noqa: E402
 
 VARIANTS = {  # label: (activation dtype, weights)
@@ -41,16 +43,18 @@ def main() -> None:
     ap.add_argument("--subjects", default="all")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--data-dir", default=os.environ.get("INTERNLM_TP_CEVAL_DIR"),
+                    help="C-Eval in the official layout (default $INTERNLM_TP_CEVAL_DIR, else the built-in demo set)")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    data = default_ceval_dir()
-    mapping = ceval.load_mapping(data)
-    subjects = ceval.resolve_subjects(mapping, None if args.subjects == "all" else args.subjects)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-quant-"))
     try:
+        data = Path(args.data_dir) if args.data_dir else write_demo_set(work / "demo-questions")
+        mapping = ceval.load_mapping(data)
+        subjects = ceval.resolve_subjects(mapping, None if args.subjects == "all" else args.subjects)
         ckpt = work / "tiny"
         if not (ckpt / "config.json").is_file():
-            write_tiny_checkpoint(ckpt, data)
+            write_tiny_checkpoint(ckpt)
         tok = Tokenizer(ckpt)
         letters = [tok.piece_id(c) for c in ceval.CHOICES]
         questions, prompts = [], []
@@ -67,7 +71,8 @@ def main() -> None:
             del model
         answers = {k: [ceval.CHOICES[i] for i in v[:, letters].argmax(-1).tolist()] for k, v in logits.items()}
         truth = [q.answer for q in questions]
-        print(f"C-Eval val, official 5-shot, {len(questions)} questions of {len(subjects)} subjects, tiny random model")
+        source = "built-in demo questions (NOT C-Eval)" if is_demo_set(data) else "C-Eval val"
+        print(f"{source}, official 5-shot, {len(questions)} questions of {len(subjects)} subjects, tiny random model")
         print(f"{'':26}{'agree w/ fp32':>14}{'accuracy':>10}{'max |dlogit|':>14}{'mean |dlogit|':>15}")
         agreement = {}
         for label in VARIANTS:

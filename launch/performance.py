@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from launch.session import Session, UserError
@@ -37,6 +38,18 @@ def _max_over_ranks(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
+
+
+def model_label(cfg: DictConfig, overrides: list[str]) -> str:
+    """The CSV's model name: `model.name` when the user chose a `model=` config, else the checkpoint
+    directory's name (the default config's name says nothing about the checkpoint at model.path)."""
+    if any(o.lstrip("+~").startswith("model=") for o in overrides):
+        return str(cfg.model.name)
+    return Path(str(cfg.model.path)).resolve().name
+
+
+def _overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def run(cfg: DictConfig, session: Session, out_dir: Path) -> None:
@@ -74,7 +87,7 @@ def run(cfg: DictConfig, session: Session, out_dir: Path) -> None:
             log.info("batch %d, in %d, out %d: first token %.2f ms, next token %.3f ms, %.1f tokens/s",
                      batch, n_in, n_out, first, nxt, rows[-1]["tokens_per_s"])
     if session.dist.is_main:
-        path = out_dir / f"performance_test_{session.dist.kind}_{cfg.model.name}.csv"
+        path = out_dir / f"performance_test_{session.dist.kind}_{model_label(cfg, _overrides())}.csv"
         with open(path, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=COLUMNS)
             writer.writeheader()

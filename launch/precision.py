@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -20,25 +21,25 @@ from tqdm import tqdm
 from launch.session import Session, UserError
 from launch.tasks import batches, positive_int
 from tp import ceval
+from tp.demo_data import is_demo_set
 from tp.generate import generate, next_token_logits
 from tp.partition import model_files_dir
 
 log = logging.getLogger("internlm_tp")
 
-ROOT = Path(__file__).resolve().parents[1]
 ATB_MAX_PROMPT_TOKENS = 2000
 ATB_NEW_TOKENS = 32
 HUB_DATASET = "ceval/ceval-exam"
+DATA_ENV = "INTERNLM_TP_CEVAL_DIR"
 
 
 def resolve_data_dir(configured: str | None) -> Path:
-    """task.data_dir, else ../shared/ceval beside the repository, else the hub copy (downloaded once,
-    by rank 0; with several nodes, give task.data_dir on a shared file system)."""
+    """task.data_dir, else $INTERNLM_TP_CEVAL_DIR, else the copy cached by an earlier download, else the
+    hub's (downloaded once, by rank 0; with several nodes, give task.data_dir on a shared file system)."""
     if configured:
         return ceval.check_data_dir(configured)
-    local = ROOT.parent / "shared" / "ceval"
-    if local.is_dir():
-        return ceval.check_data_dir(local)
+    if os.environ.get(DATA_ENV):
+        return ceval.check_data_dir(os.environ[DATA_ENV])
     target = Path.home() / ".cache" / "internlm-tp" / "ceval"
     return Path(_from_rank0(lambda: str(fetch_from_hub(target))))
 
@@ -61,7 +62,7 @@ def fetch_from_hub(target: Path) -> Path:
         raise ceval.CevalError(
             f"C-Eval data not found locally and not downloadable ({type(err).__name__}: {err}). Put the official "
             f"ceval-exam files (dev/{{subject}}_dev.csv, val/{{subject}}_val.csv, subject_mapping.json) in a "
-            f"directory and pass task.data_dir=DIR") from err
+            f"directory and pass task.data_dir=DIR (or set {DATA_ENV}=DIR), or put them in {target}") from err
     partial.rename(target)
     return ceval.check_data_dir(target)
 
@@ -116,6 +117,10 @@ def run(cfg: DictConfig, session: Session, out_dir: Path) -> None:
     except ceval.CevalError as err:
         raise UserError(str(err)) from err
 
+    demo = is_demo_set(data_dir)
+    if demo and session.dist.is_main:
+        log.warning("%s holds the project's built-in demo questions, NOT C-Eval: the score below only shows "
+                    "that the pipeline runs; pass task.data_dir=DIR for the real data", data_dir)
     model, tok = session.model_for(cfg)
     letter_ids = [tok.piece_id(c) for c in ceval.CHOICES]
     if protocol == "official" and None in letter_ids:
@@ -158,9 +163,11 @@ def run(cfg: DictConfig, session: Session, out_dir: Path) -> None:
         result_dir = out_dir / "test_result"
         (result_dir / "result_0_subject_acc.json").write_text(json.dumps(subject_acc, indent=2, ensure_ascii=False))
         (result_dir / "result_0_classes_acc.json").write_text(json.dumps(classes_acc, indent=2))
+        if demo:
+            print("Built-in demo questions (tp/demo_data.py), NOT C-Eval:", flush=True)
         print(ceval.format_table(classes_acc), flush=True)
-        log.info("C-Eval (%s, %d-shot) over %d questions of %d subjects: results in %s",
-                 protocol, shots, len(rows), len(subject_acc), result_dir)
+        log.info("%s (%s, %d-shot) over %d questions of %d subjects: results in %s",
+                 "demo questions" if demo else "C-Eval", protocol, shots, len(rows), len(subject_acc), result_dir)
 
 
 def encode_prompt(tok, protocol: str, mapping, shots: list, question, context: int) -> list[int]:

@@ -13,9 +13,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tp.tiny import default_ceval_dir, write_tiny_checkpoint  # noqa: E402
+from tp.demo_data import write_demo_set  # noqa: E402
+from tp.tiny import write_tiny_checkpoint  # noqa: E402
 
-CEVAL = default_ceval_dir()
+# The real C-Eval where the caller names it (the Makefile does, where ../shared/ceval exists: this
+# project's CI layout), else the project's built-in demo set. Every test runs on either; these are the
+# subjects each one picks, of the same sizes on both (12 and 16 questions, two categories).
+REAL_CEVAL = os.environ.get("INTERNLM_TP_CEVAL_DIR")
+if REAL_CEVAL:
+    SUBJECTS = ["middle_school_geography", "discrete_mathematics"]
+    MULTILINE_SUBJECT = "high_school_biology"  # a dev question spans lines ("\r\n" inside a cell)
+    VAL_PER_CATEGORY = {"STEM": 430, "Social Science": 275, "Humanities": 257, "Other": 384}
+else:
+    SUBJECTS = ["demo_arithmetic", "demo_calendar"]
+    MULTILINE_SUBJECT = "demo_arithmetic"
+    VAL_PER_CATEGORY = {"STEM": 32, "Social Science": 14, "Humanities": 18, "Other": 16}
 
 # Prompts of different lengths, so a batch is left-padded.
 PROMPTS = [
@@ -33,15 +45,18 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ceval_dir() -> Path:
-    assert (CEVAL / "subject_mapping.json").is_file(), f"C-Eval data expected at {CEVAL}"
-    return CEVAL
+def ceval_dir(tmp_path_factory) -> Path:
+    if REAL_CEVAL:
+        path = Path(REAL_CEVAL)
+        assert (path / "subject_mapping.json").is_file(), f"INTERNLM_TP_CEVAL_DIR={path}: no C-Eval data there"
+        return path
+    return write_demo_set(tmp_path_factory.mktemp("data") / "demo-questions")
 
 
 @pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory, ceval_dir) -> Path:
+def tiny_ckpt(tmp_path_factory) -> Path:
     """The published layout: 3 .bin shards + index, inv_freq buffers, trained tokenizer."""
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "internlm-tiny", ceval_dir)
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "internlm-tiny")
 
 
 class FileCreatingPayload:

@@ -1,4 +1,5 @@
-"""tp.ceval on the real C-Eval data: mapping, loading and its refusals, prompts, result cache, scores."""
+"""tp.ceval on the data set at hand (the real C-Eval in CI, else the built-in demo set): mapping, loading
+and its refusals, prompts, result cache, scores."""
 import csv
 import json
 import shutil
@@ -8,6 +9,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from conftest import MULTILINE_SUBJECT, REAL_CEVAL, SUBJECTS, VAL_PER_CATEGORY
 
 from tp.ceval import (CACHE_COLUMNS, CATEGORIES, BUILTIN_MAPPING, CevalError, Question, ResultCache,
                       SubjectInfo, atb_prompt, check_data_dir, first_letter, fit_prompt, format_table,
@@ -31,14 +34,18 @@ def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
 
 # --- mapping and data -----------------------------------------------------------------------------------
 
-def test_mapping_from_file_equals_builtin_copy(ceval_dir, tmp_path):
+def test_mapping_from_file_and_builtin_copy(ceval_dir, tmp_path):
+    builtin = load_mapping(None)
+    assert builtin == load_mapping(tmp_path)  # no file there -> built-in copy
+    assert len(builtin) == 52
+    assert {info.category for info in builtin.values()} == set(CATEGORIES)
+    assert builtin["accountant"] == SubjectInfo("Accountant", "注册会计师", "Other")
     from_file = load_mapping(ceval_dir)
-    assert from_file == load_mapping(None) == load_mapping(tmp_path)  # no file there -> built-in copy
-    official = ceval_dir / "subject_mapping.json"
-    assert json.loads(BUILTIN_MAPPING.read_text()) == json.loads(official.read_text())
-    assert len(from_file) == 52
+    raw = json.loads((ceval_dir / "subject_mapping.json").read_text(encoding="utf-8"))
+    assert from_file == {s: SubjectInfo(*v) for s, v in raw.items()}
     assert {info.category for info in from_file.values()} == set(CATEGORIES)
-    assert from_file["accountant"] == SubjectInfo("Accountant", "注册会计师", "Other")
+    # the official file is the built-in copy; the demo set maps its own subjects
+    assert (json.loads(BUILTIN_MAPPING.read_text()) == raw) == bool(REAL_CEVAL)
 
 
 def test_val_and_dev_sizes(ceval_dir):
@@ -47,18 +54,19 @@ def test_val_and_dev_sizes(ceval_dir):
     for subject, info in mapping.items():
         per_category[info.category] += len(load_split(ceval_dir, subject, "val"))
         assert len(load_split(ceval_dir, subject, "dev")) == 5
-    assert per_category == {"STEM": 430, "Social Science": 275, "Humanities": 257, "Other": 384}
+    assert per_category == VAL_PER_CATEGORY
 
 
 def test_load_split_keeps_rows_verbatim_and_in_order(ceval_dir):
+    subject = MULTILINE_SUBJECT
     for split in ("dev", "val"):
-        raw = raw_rows(ceval_dir / split / f"high_school_biology_{split}.csv")
-        got = load_split(ceval_dir, "high_school_biology", split)
+        raw = raw_rows(ceval_dir / split / f"{subject}_{split}.csv")
+        got = load_split(ceval_dir, subject, split)
         assert [q.id for q in got] == [r["id"] for r in raw]
         assert [(q.subject, q.question, q.choices, q.answer) for q in got] == [
-            ("high_school_biology", r["question"], (r["A"], r["B"], r["C"], r["D"]), r["answer"]) for r in raw]
+            (subject, r["question"], (r["A"], r["B"], r["C"], r["D"]), r["answer"]) for r in raw]
     # a quoted multi-line cell keeps its CRLF line ends
-    assert "____\r\n\t①携带遗传信息" in load_split(ceval_dir, "high_school_biology", "dev")[3].question
+    assert "\r\n\t" in load_split(ceval_dir, subject, "dev")[3].question
 
 
 # --- load_split refusals ---------------------------------------------------------------------------------
@@ -70,22 +78,24 @@ def test_load_split_missing_file(tmp_path):
 
 
 def test_load_split_missing_column(ceval_dir, tmp_path):
-    raw = raw_rows(ceval_dir / "val" / "accountant_val.csv")
+    subject = SUBJECTS[0]
+    raw = raw_rows(ceval_dir / "val" / f"{subject}_val.csv")
     header = ["id", "question", "A", "B", "D", "answer"]
-    path = write_csv(tmp_path / "val" / "accountant_val.csv", header, [[r[k] for k in header] for r in raw])
+    path = write_csv(tmp_path / "val" / f"{subject}_val.csv", header, [[r[k] for k in header] for r in raw])
     with pytest.raises(CevalError, match=r"missing column\(s\) C$") as e:
-        load_split(tmp_path, "accountant", "val")
+        load_split(tmp_path, subject, "val")
     assert str(path) in str(e.value)
 
 
 def test_load_split_bad_answer(ceval_dir, tmp_path):
     shutil.copytree(ceval_dir / "val", tmp_path / "val")
-    path = tmp_path / "val" / "accountant_val.csv"
+    path = tmp_path / "val" / f"{SUBJECTS[0]}_val.csv"
+    path.chmod(0o644)
     raw = raw_rows(path)
     raw[3]["answer"] = "E"
     write_csv(path, list(raw[0]), [list(r.values()) for r in raw])
     with pytest.raises(CevalError) as e:
-        load_split(tmp_path, "accountant", "val")
+        load_split(tmp_path, SUBJECTS[0], "val")
     msg = str(e.value)
     assert str(path) in msg and f"id '{raw[3]['id']}'" in msg and "answer 'E' is not one of A, B, C, D" in msg
 
@@ -108,8 +118,8 @@ def test_load_split_empty_question_short_row_repeated_id(tmp_path):
 
 # --- subjects and data dir -------------------------------------------------------------------------------
 
-def test_resolve_subjects(ceval_dir):
-    mapping = load_mapping(ceval_dir)
+def test_resolve_subjects():
+    mapping = load_mapping(None)
     assert resolve_subjects(mapping, None) == sorted(mapping)
     assert resolve_subjects(mapping, "law") == ["law"]
     assert resolve_subjects(mapping, "law, accountant,law") == ["law", "accountant"]
@@ -136,37 +146,39 @@ def test_check_data_dir(ceval_dir, tmp_path):
 # --- prompts ---------------------------------------------------------------------------------------------
 
 def test_official_prompt_byte_for_byte(ceval_dir):
-    dev = raw_rows(ceval_dir / "dev" / "accountant_dev.csv")
-    val = raw_rows(ceval_dir / "val" / "accountant_val.csv")
+    subject = SUBJECTS[0]
+    dev = raw_rows(ceval_dir / "dev" / f"{subject}_dev.csv")
+    val = raw_rows(ceval_dir / "val" / f"{subject}_val.csv")
     assert len(dev) == 5 and val[0]["id"] == "0"
-    expected = "以下是中国关于注册会计师考试的单项选择题，请选出其中的正确答案。\n\n"
+    chinese = json.loads((ceval_dir / "subject_mapping.json").read_text(encoding="utf-8"))[subject][1]
+    expected = f"以下是中国关于{chinese}考试的单项选择题，请选出其中的正确答案。\n\n"
     for r in dev:
         expected += f"{r['question']}\nA. {r['A']}\nB. {r['B']}\nC. {r['C']}\nD. {r['D']}\n答案：{r['answer']}\n\n"
     q = val[0]
     expected += f"{q['question']}\nA. {q['A']}\nB. {q['B']}\nC. {q['C']}\nD. {q['D']}\n答案："
 
     mapping = load_mapping(ceval_dir)
-    got = official_prompt(mapping["accountant"], load_split(ceval_dir, "accountant", "dev"),
-                          load_split(ceval_dir, "accountant", "val")[0])
+    got = official_prompt(mapping[subject], load_split(ceval_dir, subject, "dev"),
+                          load_split(ceval_dir, subject, "val")[0])
     assert got.encode("utf-8") == expected.encode("utf-8")
     assert got.endswith("答案：") and "\uff1a" in got
 
 
 def test_atb_prompt_byte_for_byte(ceval_dir):
-    dev = raw_rows(ceval_dir / "dev" / "high_school_physics_dev.csv")
-    q = raw_rows(ceval_dir / "val" / "high_school_physics_val.csv")[4]
-    expected = "The following are multiple choice questions (with answers) about high school physics.\n\n"
+    subject = SUBJECTS[1]
+    dev = raw_rows(ceval_dir / "dev" / f"{subject}_dev.csv")
+    q = raw_rows(ceval_dir / "val" / f"{subject}_val.csv")[4]
+    expected = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
     for r in dev:
         expected += f"{r['question']}\nA. {r['A']}\nB. {r['B']}\nC. {r['C']}\nD. {r['D']}\nAnswer: {r['answer']}\n\n"
     expected += f"{q['question']}\nA. {q['A']}\nB. {q['B']}\nC. {q['C']}\nD. {q['D']}\nAnswer:"
 
-    got = atb_prompt("high_school_physics", load_split(ceval_dir, "high_school_physics", "dev"),
-                     load_split(ceval_dir, "high_school_physics", "val")[4])
+    got = atb_prompt(subject, load_split(ceval_dir, subject, "dev"), load_split(ceval_dir, subject, "val")[4])
     assert got.encode("utf-8") == expected.encode("utf-8")
 
 
 def test_fit_prompt_drops_shots_from_the_end(ceval_dir):
-    shots = load_split(ceval_dir, "accountant", "dev")
+    shots = load_split(ceval_dir, SUBJECTS[0], "dev")
     calls = []
 
     def make(used: list[Question]) -> str:
@@ -273,8 +285,8 @@ def test_fuzz_cache_truncated_anywhere_keeps_the_complete_rows(tmp_path_factory,
 
 # --- scores ----------------------------------------------------------------------------------------------
 
-def test_score_per_category_over_questions_vs_subject_average(ceval_dir):
-    mapping = load_mapping(ceval_dir)
+def test_score_per_category_over_questions_vs_subject_average():
+    mapping = load_mapping(None)
     rows = [{"subject": "advanced_mathematics", "id": "0", "correct": True}] + \
            [{"subject": "college_physics", "id": str(i), "correct": False} for i in range(3)] + \
            [{"subject": "law", "id": str(i), "correct": True} for i in range(2)]
@@ -295,11 +307,11 @@ def test_score_per_category_over_questions_vs_subject_average(ceval_dir):
         score([], mapping)
 
 
-def test_score_from_cache_rows(tmp_path, ceval_dir):
+def test_score_from_cache_rows(tmp_path):
     cache = ResultCache(tmp_path, FP)
     cache.append([{"subject": s, "id": "0", "answer": "A", "prediction": p, "correct": p == "A"}
                   for s, p in [("law", "A"), ("physician", None), ("marxism", "A")]])
-    subject_acc, classes_acc = score(ResultCache(tmp_path, FP).rows(), load_mapping(ceval_dir))
+    subject_acc, classes_acc = score(ResultCache(tmp_path, FP).rows(), load_mapping(None))
     assert subject_acc == {"law": 1.0, "marxism": 1.0, "physician": 0.0}
     assert classes_acc == {"Social Science": 1.0, "Humanities": 1.0, "Other": 0.0, "Avg acc": 2 / 3,
                            "Subject avg": 2 / 3}

@@ -215,8 +215,8 @@ def test_ctrl_c_leaves_nothing(tiny_ckpt, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_killed_cut_leaves_nothing_that_loads_and_rerun_succeeds(ceval_dir, tmp_path):
-    big = write_tiny_checkpoint(tmp_path / "big", ceval_dir, shards=4, hidden_size=1024,
+def test_killed_cut_leaves_nothing_that_loads_and_rerun_succeeds(tmp_path):
+    big = write_tiny_checkpoint(tmp_path / "big", shards=4, hidden_size=1024,
                                 intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "cut_weights", f"input_dir={big}", f"output_dir={out}", "world_size=2",

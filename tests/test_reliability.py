@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, TORCHRUN, free_port, torchrun
+from conftest import ROOT, SUBJECTS, TORCHRUN, free_port, torchrun
 from tp.config import ConfigError, ModelConfig
 from tp.tiny import TINY_CONFIG
 
@@ -61,7 +61,7 @@ def test_a_rank_killed_mid_decode_ends_the_run_naming_it(tiny_ckpt, tmp_path):
 
 
 def test_precision_killed_and_rerun_gives_the_uninterrupted_cache(tiny_ckpt, ceval_dir, tmp_path):
-    args = [f"model.path={tiny_ckpt}", "task=precision", "task.subjects=[middle_school_geography,discrete_mathematics]",
+    args = [f"model.path={tiny_ckpt}", "task=precision", f"task.subjects=[{','.join(SUBJECTS)}]",
             "task.batch_size=1", f"task.data_dir={ceval_dir}"]
     whole = tmp_path / "whole"
     assert torchrun(2, *args, f"hydra.run.dir={whole}").returncode == 0

@@ -6,15 +6,14 @@ import shutil
 import pytest
 from hydra import compose, initialize_config_dir
 
-from conftest import ROOT, torchrun
+from conftest import ROOT, SUBJECTS, torchrun
 from cut_weights import CutOptions, cut
 from launch.callbacks import MERGED_CSV, PLOT
-from launch.performance import COLUMNS
+from launch.performance import COLUMNS, model_label
 from launch.session import Session, UserError
 from launch.tasks import run as run_task
 from tp import ceval
 
-SUBJECTS = ["middle_school_geography", "discrete_mathematics"]  # 12 + 16 questions, two categories
 SUBJECT_ARG = "task.subjects=[" + ",".join(SUBJECTS) + "]"
 
 
@@ -86,7 +85,7 @@ def test_resumed_run_equals_uninterrupted(precision_tp2, cut2, ceval_dir, tmp_pa
 
 
 def test_atb_protocol_and_protocol_change_refused(cut2, ceval_dir, tmp_path):
-    args = [f"model.path={cut2}", "task=precision", "task.subjects=[middle_school_geography]", "task.shots=1",
+    args = [f"model.path={cut2}", "task=precision", f"task.subjects=[{SUBJECTS[0]}]", "task.shots=1",
             "task.batch_size=4", f"task.data_dir={ceval_dir}", f"hydra.run.dir={tmp_path}"]
     proc = torchrun(2, *args, "task.protocol=atb")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -114,7 +113,14 @@ def test_performance_sweep_merges_csv_and_plots(cut2, tmp_path):
             int(r["batch_size"]) * int(r["output_seq_len(Decoding)"]) / float(r["ResponseTime(s)"]), rel=1e-3)
     assert (tmp_path / PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for job in ("0", "1"):
-        assert (tmp_path / job / "performance_test_cpu_tiny.csv").is_file()
+        assert (tmp_path / job / f"performance_test_cpu_{cut2.name}.csv").is_file(), "named after the checkpoint"
+
+
+def test_performance_csv_named_after_the_model_config_or_the_checkpoint():
+    cfg = compose_cfg("model.path=/data/internlm-7b-tp2")
+    assert model_label(cfg, ["model.path=/data/internlm-7b-tp2"]) == "internlm-7b-tp2"
+    cfg = compose_cfg("model=internlm_7b", "model.path=/data/cut")
+    assert model_label(cfg, ["model=internlm_7b", "model.path=/data/cut"]) == "internlm_7b"
 
 
 # -- bad input, through the task code with a composed config (one process) ------------------------
@@ -142,12 +148,11 @@ def broken_ceval(ceval_dir, tmp_path, subject, edit):
 @pytest.mark.parametrize("case", ["data_dir_missing", "unknown_subject", "missing_column", "bad_answer",
                                   "batch_size_zero", "unknown_protocol"])
 def test_precision_bad_input_is_a_clear_error(case, tiny_ckpt, ceval_dir, tmp_path, session):
-    overrides = ["task=precision", f"model.path={tiny_ckpt}", f"task.data_dir={ceval_dir}",
-                 "task.subjects=[middle_school_geography]"]
-    geo = "middle_school_geography"
+    geo = SUBJECTS[0]
+    overrides = ["task=precision", f"model.path={tiny_ckpt}", f"task.data_dir={ceval_dir}", f"task.subjects=[{geo}]"]
     override, message = {
         "data_dir_missing": lambda: (f"task.data_dir={tmp_path / 'nowhere'}", "nowhere"),
-        "unknown_subject": lambda: ("task.subjects=[middle_school_geografy]", "middle_school_geografy"),
+        "unknown_subject": lambda: (f"task.subjects=[{geo}x]", f"{geo}x"),
         "missing_column": lambda: (
             f"task.data_dir={broken_ceval(ceval_dir, tmp_path, geo, lambda t: t.replace(',answer', ',answr', 1))}",
             "answer"),
@@ -160,7 +165,7 @@ def test_precision_bad_input_is_a_clear_error(case, tiny_ckpt, ceval_dir, tmp_pa
     with pytest.raises(UserError, match=message) as err:
         run_task(cfg, session, tmp_path)
     if case in ("missing_column", "bad_answer"):
-        assert "middle_school_geography_val.csv" in str(err.value), "the message names the file"
+        assert f"{geo}_val.csv" in str(err.value), "the message names the file"
 
 
 def test_inference_prompt_longer_than_context_refused(tiny_ckpt, tmp_path, session):
@@ -177,9 +182,9 @@ def test_unknown_task_is_a_clear_error(tiny_ckpt, tmp_path):
 
 def test_one_subject_as_a_plain_string(tiny_ckpt, ceval_dir, tmp_path, session):
     cfg = compose_cfg("task=precision", f"model.path={tiny_ckpt}", f"task.data_dir={ceval_dir}",
-                      "task.subjects=middle_school_geography", "task.shots=0", "task.batch_size=12")
+                      f"task.subjects={SUBJECTS[0]}", "task.shots=0", "task.batch_size=12")
     run_task(cfg, session, tmp_path)
-    assert [r["subject"] for r in read_cache(tmp_path)] == ["middle_school_geography"] * 12
+    assert [r["subject"] for r in read_cache(tmp_path)] == [SUBJECTS[0]] * 12
 
 
 def test_missing_model_path_is_a_clear_error(tmp_path, session):

@@ -2,16 +2,16 @@
 
 Same files as internlm/internlm-7b: InternLM config keys, `pytorch_model-0000k-of-0000n.bin` shards
 with `pytorch_model.bin.index.json`, `rotary_emb.inv_freq` buffers in the shards, a sentencepiece
-`tokenizer.model` (trained here on C-Eval text, unk 0 / bos 1 / eos 2) and the tokenizer json files.
+`tokenizer.model` (trained here on text the project generates, tp/demo_data.py: unk 0 / bos 1 / eos 2)
+and the tokenizer json files.
 The vocabulary (4999) is divisible by neither 2, 3 nor 4, and the 12 heads split over 1, 2, 3 or 4
 ranks. Weights are drawn large enough that greedy choices differ from prompt to prompt.
 
-    python -m tp.tiny OUTPUT_DIR [--ceval-dir DIR] [--shards 3] [--dtype float32]
+    python -m tp.tiny OUTPUT_DIR [--shards 3] [--dtype float32]
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import math
@@ -19,6 +19,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 import torch
+
+from tp.demo_data import tokenizer_text
 
 TINY_CONFIG = {
     "architectures": ["InternLMForCausalLM"],
@@ -32,28 +34,12 @@ TINY_CONFIG = {
 }
 
 
-def default_ceval_dir() -> Path:
-    """`shared/ceval` beside the repository (where the project and CI keep the C-Eval data)."""
-    return Path(__file__).resolve().parents[2] / "shared" / "ceval"
-
-
-def _ceval_lines(ceval_dir: Path) -> list[str]:
-    files = sorted(ceval_dir.glob("*/*.csv"))
-    if not files:
-        raise FileNotFoundError(f"{ceval_dir}: no C-Eval csv files to train the tiny tokenizer on")
-    lines = []
-    for path in files:
-        with open(path, newline="", encoding="utf-8") as fh:
-            for row in csv.DictReader(fh):
-                lines += [row[k].replace("\n", " ") for k in ("question", "A", "B", "C", "D") if row.get(k)]
-    return lines
-
-
-def train_tokenizer(ceval_dir: Path, vocab_size: int) -> bytes:
-    """A LLaMA-style sentencepiece BPE model (identity normalisation, byte fallback, split digits)."""
+def train_tokenizer(vocab_size: int) -> bytes:
+    """A LLaMA-style sentencepiece BPE model (identity normalisation, byte fallback, split digits),
+    trained on the project's own generated text, so the same bytes come out on every machine."""
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_ceval_lines(ceval_dir)), model_writer=buf, vocab_size=vocab_size,
+        sentence_iterator=iter(tokenizer_text()), model_writer=buf, vocab_size=vocab_size,
         model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
         split_digits=True, normalization_rule_name="identity", character_coverage=0.9995,
         num_threads=1, minloglevel=2)
@@ -102,13 +88,12 @@ def write_bin_shards(out: Path, sd: dict[str, torch.Tensor], shards: int) -> Non
     (out / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
 
 
-def write_tiny_checkpoint(out: str | Path, ceval_dir: str | Path | None = None, shards: int = 3,
-                          dtype: torch.dtype = torch.float32, seed: int = 0, **overrides) -> Path:
+def write_tiny_checkpoint(out: str | Path, shards: int = 3, dtype: torch.dtype = torch.float32, seed: int = 0,
+                          **overrides) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = {**TINY_CONFIG, **overrides, "torch_dtype": str(dtype).removeprefix("torch.")}
-    (out / "tokenizer.model").write_bytes(train_tokenizer(Path(ceval_dir or default_ceval_dir()),
-                                                          min(cfg["vocab_size"], 4999)))
+    (out / "tokenizer.model").write_bytes(train_tokenizer(min(cfg["vocab_size"], 4999)))
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     write_bin_shards(out, random_weights(cfg, seed, dtype), shards)
     (out / "tokenizer_config.json").write_text(json.dumps({
@@ -126,11 +111,10 @@ def write_tiny_checkpoint(out: str | Path, ceval_dir: str | Path | None = None, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("output_dir")
-    ap.add_argument("--ceval-dir", default=None)
     ap.add_argument("--shards", type=int, default=3)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     args = ap.parse_args()
-    path = write_tiny_checkpoint(args.output_dir, args.ceval_dir, args.shards, getattr(torch, args.dtype))
+    path = write_tiny_checkpoint(args.output_dir, args.shards, getattr(torch, args.dtype))
     print(f"tiny InternLM checkpoint written to {path}")
 
 
