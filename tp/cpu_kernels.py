@@ -1,9 +1,12 @@
-"""The project's one hand-written CPU kernel, tp/csrc/int8_gemv.cpp, built on first use.
+"""The project's hand-written CPU kernel, tp/csrc/gemv.cpp (decode matmuls in float32, bfloat16 and
+int8), built on first use for the vector ISA this CPU has.
 
-It is compiled with torch.utils.cpp_extension (g++ and ninja, a few seconds, cached under
-$TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions) and used only on AVX-512 CPUs. Where it cannot be
-built (a warning says why), or INTERNLM_TP_INT8_GEMV=torch, decode takes int8_linear's other CPU
-paths (tp/quant.py).
+torch.utils.cpp_extension compiles it (g++ and ninja, ~20 s once, then cached under
+$TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions): with AVX-512 where torch reports that capability,
+else with AVX2 + FMA, else not at all. `ninja` is a dependency of the package; it lands in the venv's
+`bin/`, which is put on PATH for the build (a user running `.venv/bin/torchrun` does not have it there).
+Where the kernel cannot be built (a warning says why) or INTERNLM_TP_GEMV=torch, decode takes torch's
+paths (tp/decode_matmul.py chooses among what there is).
 """
 from __future__ import annotations
 
@@ -16,16 +19,30 @@ from pathlib import Path
 
 import torch
 
-ENV = "INTERNLM_TP_INT8_GEMV"  # "auto" (default) or "torch"
-MAX_ROWS = 16  # rows of activations sent to the kernel; past ~17 a dequantized GEMM is faster here
-_SOURCE = Path(__file__).with_name("csrc") / "int8_gemv.cpp"
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp"]
+ENV = "INTERNLM_TP_GEMV"  # auto (measure our kernel against torch's paths) | ours | torch
+CHOICES = ("auto", "ours", "torch")
+MAX_ROWS = 16  # rows of activations sent to the kernel; past that, torch's GEMM (prefill)
+_SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
+# The flags per ISA: the kernel's vector width follows them (tp/csrc/gemv.cpp).
+ISA_FLAGS = {"avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"], "avx2": ["-mavx2", "-mfma"]}
 _state: dict[str, object] = {}
 
 
-def _build_directory() -> Path:
+def choice() -> str:
+    value = os.environ.get(ENV, "auto")
+    if value not in CHOICES:
+        raise ValueError(f"{ENV}={value!r}: expected one of {', '.join(CHOICES)}")
+    return value
+
+
+def host_isa() -> str | None:
+    """The widest vector ISA the kernel is built for that this CPU runs, as torch detected it."""
+    return {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability())
+
+
+def _build_directory(isa: str) -> Path:
     base = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
-    directory = base / f"internlm_tp-torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
+    directory = base / f"internlm_tp_{isa}-torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
     directory.mkdir(parents=True, exist_ok=True)
     return directory
 
@@ -39,9 +56,20 @@ def _one_build_at_a_time(directory: Path):
         fcntl.flock(held, fcntl.LOCK_EX)
         leftover = directory / "lock"
         if leftover.exists():
-            warnings.warn(f"int8 GEMV: removing {leftover}, left by a build that did not finish")
+            warnings.warn(f"CPU kernel: removing {leftover}, left by a build that did not finish")
             leftover.unlink(missing_ok=True)
         yield
+
+
+@contextmanager
+def _tools_on_path():
+    """The interpreter's own bin/ first on PATH while building: where pip put `ninja` for this venv."""
+    before = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), before])
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = before
 
 
 def _openmp_runtime() -> list[str]:
@@ -58,33 +86,39 @@ def _openmp_runtime() -> list[str]:
     return ["-fopenmp"]
 
 
-def _build() -> object | None:
-    """The op, or None where it is not to be used (warned, unless asked for)."""
-    choice = os.environ.get(ENV, "auto")
-    if choice not in ("auto", "torch"):
-        raise ValueError(f"{ENV}={choice!r}: expected auto or torch")
-    if choice == "torch":
+def build(isa: str):
+    """Compile (or load the cached build of) the kernel for `isa`; returns its op. Raises on failure."""
+    from torch.utils.cpp_extension import load
+    namespace = f"internlm_tp_{isa}"
+    directory = _build_directory(isa)
+    with _tools_on_path(), _one_build_at_a_time(directory):
+        load(name=namespace, sources=[str(_SOURCE)], build_directory=str(directory), is_python_module=False,
+             extra_cflags=["-O3", *ISA_FLAGS[isa], f"-DGEMV_NAMESPACE={namespace}", "-fopenmp"],
+             extra_ldflags=_openmp_runtime())
+    return getattr(torch.ops, namespace).gemv
+
+
+def _build():
+    """The op for this host, or None where it is not to be used (warned, unless asked for)."""
+    if choice() == "torch":
         return None
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability != "AVX512":
-        warnings.warn(f"int8 GEMV: this CPU's capability is {capability}, not AVX512; decode uses torch's int8 paths")
+    isa = host_isa()
+    if isa is None:
+        warnings.warn(f"CPU kernel: this CPU's capability is {torch.backends.cpu.get_cpu_capability()}, "
+                      "neither AVX512 nor AVX2; decode uses torch's matmuls")
         return None
     try:
-        from torch.utils.cpp_extension import load
-        directory = _build_directory()
-        with _one_build_at_a_time(directory):
-            load(name="internlm_tp_cpu", sources=[str(_SOURCE)], extra_cflags=_FLAGS,
-                 extra_ldflags=_openmp_runtime(), build_directory=str(directory), is_python_module=False)
-        return torch.ops.internlm_tp.int8_gemv
+        return build(isa)
     except Exception as e:  # no compiler, no ninja, a failed build: slower, but it still runs
-        warnings.warn(f"int8 GEMV: could not build {_SOURCE.name} ({type(e).__name__}: {e}); "
-                      "decode uses torch's int8 paths")
+        warnings.warn(f"CPU kernel: could not build {_SOURCE.name} ({type(e).__name__}: {e}); "
+                      "decode uses torch's matmuls")
         return None
 
 
-def int8_gemv():
-    """torch.ops.internlm_tp.int8_gemv(x float32 [M, K], q int8 [N, K], scale float32 [N]) ->
-    float32 [M, N], or None where it is not available; built once per process."""
+def gemv():
+    """gemv(x [M, K] float32|bfloat16, w [N, K] float32|bfloat16|int8, scale float32 [N] | None,
+    bias [N] | None) -> [M, N] in x's dtype, or None where the kernel is not available; built once
+    per process."""
     if "op" not in _state:
         _state["op"] = _build()
     return _state["op"]

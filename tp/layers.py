@@ -11,19 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tp import comm
+from tp import comm, decode_matmul
+from tp.cpu_kernels import MAX_ROWS
 from tp.quant import int8_linear
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except for a single row (batch-1 decode), which goes through torch.mv: on the CPU
-    its GEMV kernel reads bfloat16 weights ~20% faster than linear's GEMM path (bench/decode.py)."""
-    if x.numel() != x.shape[-1]:
-        return F.linear(x, weight, bias)
-    y = torch.mv(weight, x.reshape(-1))
-    if bias is not None:
-        y = y.add_(bias)
-    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device | str | None) -> nn.Parameter:
@@ -32,7 +22,13 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device | str | None) -
 
 class _Weight(nn.Module):
     """A [rows, cols] weight, float or int8 with one float32 scale per row (`weight_scale`, kept in
-    float32 whatever the activations' `dtype`, as the checkpoint stores it)."""
+    float32 whatever the activations' `dtype`, as the checkpoint stores it).
+
+    On the CPU, up to MAX_ROWS rows of activations (decode) go through `decode_path`, the kernel
+    tp.decode_matmul measured fastest for this weight's shape on this host (or, before any choice, its
+    first candidate); more rows (prefill) through torch's GEMM."""
+
+    decode_path: str | None = None
 
     def _make_weight(self, rows: int, cols: int, quantized: bool, dtype: torch.dtype, device) -> None:
         self.quantized, self.dtype = quantized, dtype
@@ -40,8 +36,15 @@ class _Weight(nn.Module):
         self.weight_scale = _empty(rows, dtype=torch.float32, device=device) if quantized else None
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        rows = x.numel() // k if k else 0
+        if x.device.type == "cpu" and 0 < rows <= MAX_ROWS:
+            if self.decode_path is None:
+                self.decode_path = decode_matmul.candidates(self.weight, x.dtype)[0]
+            y = decode_matmul.run(self.decode_path, x.reshape(rows, k), self.weight, self.weight_scale, bias)
+            return y.view(*lead, self.weight.shape[0])
         if not self.quantized:
-            return linear(x, self.weight, bias)
+            return F.linear(x, self.weight, bias)
         y = int8_linear(x, self.weight, self.weight_scale)
         return y if bias is None else y.add_(bias)
 

@@ -7,9 +7,9 @@ from typing import Callable
 
 import torch
 
+from tp import decode_matmul
 from tp.checkpoint import READ_BLOCK_BYTES, CheckpointError, CheckpointReader, read_shard
 from tp.config import ModelConfig
-from tp.cpu_kernels import int8_gemv
 from tp.model import InternLM
 from tp.partition import is_cut, open_partition
 from tp.quant import check_choice, is_quantized, quantize_rows, scale_name
@@ -148,6 +148,6 @@ def load_model(path: str | Path, rank: int = 0, world_size: int = 1, device: tor
     model = InternLM(cfg, rank, world_size, resolve_dtype(dtype, source.dtype("model.norm.weight"), device), device,
                      quantize=quantize, quantize_lm_head=quantize_lm_head, quantize_embedding=quantize_embedding)
     fill(model, local, expected)
-    if quantize == "int8" and device.type == "cpu":
-        int8_gemv()  # build the decode kernel now, not inside the first timed step
+    if device.type == "cpu":  # measured now, not inside the first timed step
+        decode_matmul.choose(model.matmul_modules(), model.dtype)
     return model.eval()

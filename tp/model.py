@@ -165,6 +165,10 @@ class InternLM(nn.Module):
     def device(self) -> torch.device:
         return self.model.norm.weight.device
 
+    def matmul_modules(self) -> list:
+        """The layers that multiply activations by a weight matrix (every one but the embedding)."""
+        return [m for m in self.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear, ParallelLMHead))]
+
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())
 

@@ -14,8 +14,6 @@ import re
 import torch
 import torch.nn.functional as F
 
-from tp.cpu_kernels import MAX_ROWS, int8_gemv
-
 QUANTIZE_CHOICES = ("none", "int8")
 _LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
 _LM_HEAD = "lm_head.weight"
@@ -76,24 +74,11 @@ def dequantized_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) ->
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x @ (q * scale[:, None]).T without materialising the whole float weight; `scale` is float32.
 
-    CPU, up to MAX_ROWS (16) rows of x: tp/csrc/int8_gemv.cpp, float32 products and sums; it reads
-    each weight once, and its arithmetic grows with the rows (tp/cpu_kernels.py says where it is
-    used). Without it, torch._weight_int8pack_mm for bfloat16 activations and K % 16 == 0 (torch's
-    kernel rounds inputs to bfloat16 and reads past shorter rows). More rows (prefill), and
-    everything else: `dequantized_linear`, for the float GEMM is ~6x faster than torch's int8 kernel
-    at 512 rows. NPU: torch_npu.npu_weight_quant_batchmatmul when the installed torch_npu has it.
+    For prefill-sized inputs (a few rows of x on the CPU go through tp.decode_matmul's choice instead):
+    `dequantized_linear`, for the float GEMM is ~6x faster than torch's int8 kernel at 512 rows.
+    NPU: torch_npu.npu_weight_quant_batchmatmul when the installed torch_npu has it.
     """
     lead, k = x.shape[:-1], x.shape[-1]
-    if x.device.type == "cpu":
-        rows = x.numel() // k if k else 0
-        if 0 < rows <= MAX_ROWS:
-            gemv = int8_gemv()
-            if gemv is not None:
-                y = gemv(x.reshape(rows, k).float().contiguous(), q, scale)
-                return y.view(*lead, q.shape[0]).to(x.dtype)
-            if x.dtype == torch.bfloat16 and k % 16 == 0:
-                y = torch._weight_int8pack_mm(x.reshape(-1, k), q, scale.to(torch.bfloat16))
-                return y.view(*lead, q.shape[0])
     if x.device.type == "npu":
         import torch_npu
         if hasattr(torch_npu, "npu_weight_quant_batchmatmul"):

@@ -1,0 +1,221 @@
+"""tp/csrc/gemv.cpp and the choice of decode matmul path: results within float32 summation rounding
+of the exact product for every weight dtype, the host's measured choice, and the build itself (a
+missing ninja on PATH, a lock left by a killed build)."""
+import fcntl
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tp.cpu_kernels as kernels
+from tp import decode_matmul
+from tp.quant import quantize_rows
+
+HOST_ISA = kernels.host_isa()
+RUNNABLE = [isa for isa in ("avx2", "avx512") if isa == HOST_ISA or (isa == "avx2" and HOST_ISA == "avx512")]
+
+
+def test_this_x86_host_builds_its_kernel():
+    assert os.uname().machine == "x86_64" and HOST_ISA in ("avx2", "avx512"), "every x86 host this project runs on"
+    op = kernels.gemv()
+    assert op is not None and f"internlm_tp_{HOST_ISA}" in str(op), "the host's kernel is built and used"
+
+
+def _weights(kind: str, n: int, k: int, g: torch.Generator):
+    w = torch.randn(n, k, generator=g)
+    if kind == "int8":
+        q, scale = quantize_rows(w)
+        return q, scale, q.double() * scale.double()[:, None]
+    w = w.to(getattr(torch, kind))
+    return w, None, w.double()
+
+
+# K: a multiple of both vector widths, and ones with scalar tails; N off the 4- and 8-row steps.
+@pytest.mark.parametrize("isa", RUNNABLE)
+# Float weights have the activations' dtype in the model; int8 weights take either.
+@pytest.mark.parametrize("kind,x_dtype", [("float32", torch.float32), ("bfloat16", torch.bfloat16),
+                                          ("int8", torch.float32), ("int8", torch.bfloat16)])
+@pytest.mark.parametrize("rows,k", [(1, 2048), (2, 120), (3, 344), (4, 17), (7, 2048), (16, 120)])
+def test_kernel_is_float32_exact_up_to_summation_rounding(isa, kind, x_dtype, rows, k):
+    """Against the product in float64: float32 rounding of the K-term sum (and of the scale and bias)
+    is all that may separate them, bound (K + 3) * 2^-24 of the sum of |terms|; bfloat16 outputs add
+    one bfloat16 rounding of the result."""
+    op = kernels.build(isa)
+    g = torch.Generator().manual_seed(rows * 1000 + k)
+    n = 4097 if k == 2048 else 389
+    w, scale, exact_w = _weights(kind, n, k, g)
+    x = torch.randn(rows, k, generator=g).to(x_dtype)
+    bias = torch.randn(n, generator=g).to(x_dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the rows split over threads
+    try:
+        y = op(x, w, scale, bias)
+    finally:
+        torch.set_num_threads(threads)
+    assert y.dtype == x_dtype and y.shape == (rows, n)
+    exact = x.double() @ exact_w.t() + bias.double()
+    magnitude = x.double().abs() @ exact_w.abs().t() + bias.double().abs()
+    bound = (k + 3) * 2 ** -24 * magnitude
+    if x_dtype == torch.bfloat16:
+        bound = bound + exact.abs() * 2 ** -8
+    assert ((y.double() - exact).abs() <= bound).all()
+
+
+def test_kernel_refuses_bad_input_with_a_message():
+    op = kernels.gemv()
+    x = torch.randn(2, 8)
+    with pytest.raises(RuntimeError, match="int8 weights need their per-row scale"):
+        op(x, torch.zeros(3, 8, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="w: contiguous \\[N, K\\] with x's K"):
+        op(x, torch.zeros(3, 9))
+    with pytest.raises(RuntimeError, match="bias: \\[N\\] in x's dtype"):
+        op(x, torch.zeros(3, 8), None, torch.zeros(3, dtype=torch.bfloat16))
+    assert op(torch.randn(0, 8), torch.zeros(3, 8)).shape == (0, 3)
+    assert not op(torch.randn(2, 0), torch.zeros(3, 0)).any()
+
+
+def test_every_path_gives_the_same_product():
+    g = torch.Generator().manual_seed(0)
+    for kind, x_dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16), ("int8", torch.bfloat16),
+                          ("int8", torch.float32)):
+        w, scale, exact_w = _weights(kind, 300, 256, g)
+        x = torch.randn(1, 256, generator=g).to(x_dtype)
+        exact = (x.double() @ exact_w.t())
+        paths = decode_matmul.candidates(w, x_dtype)
+        assert paths[0] == "ours" and len(paths) > 1
+        for path in paths:
+            y = decode_matmul.run(path, x, w, scale, None)
+            tol = 1e-4 if x_dtype == torch.float32 and path != "int8pack" else 2e-2
+            assert torch.allclose(y.double(), exact, rtol=tol, atol=tol * exact.abs().max().item()), (kind, path)
+
+
+def test_candidates_follow_the_switch(monkeypatch):
+    w, q = torch.zeros(8, 32), torch.zeros(8, 32, dtype=torch.int8)
+    monkeypatch.setenv(kernels.ENV, "torch")
+    assert decode_matmul.candidates(w, torch.float32) == ["linear", "mv"]
+    assert decode_matmul.candidates(q, torch.bfloat16) == ["int8pack"]
+    assert decode_matmul.candidates(q[:, :24], torch.bfloat16) == ["dequant"], "torch's kernel needs K % 16 == 0"
+    assert decode_matmul.candidates(q, torch.float32) == ["dequant"], "and bfloat16 activations"
+    monkeypatch.setenv(kernels.ENV, "ours")
+    assert decode_matmul.candidates(w, torch.float32) == ["ours"]
+    monkeypatch.setenv(kernels.ENV, "fast")
+    with pytest.raises(ValueError, match="INTERNLM_TP_GEMV='fast': expected one of auto, ours, torch"):
+        decode_matmul.candidates(w, torch.float32)
+
+
+class _Layer:
+    def __init__(self, n, k, dtype=torch.float32):
+        self.weight, self.weight_scale = torch.randn(n, k).to(dtype), None
+
+
+def test_choice_is_the_fastest_measured_per_shape(monkeypatch, caplog):
+    monkeypatch.setattr(decode_matmul, "MIN_MEASURED_BYTES", 0)
+    speed = {"ours": 3.0, "linear": 1.0, "mv": 2.0}
+    monkeypatch.setattr(decode_matmul, "_seconds",  # as if `path` read `speed[path]` GB/s
+                        lambda path, x, sample: sum(w.numel() * w.element_size() for w, _ in sample) / 1e9 / speed[path])
+    layers = [_Layer(64, 32), _Layer(64, 32), _Layer(16, 64)]
+    with caplog.at_level(logging.INFO, logger="internlm_tp"):
+        assert decode_matmul.choose(layers, torch.float32) == {(torch.float32, 64, 32): "ours",
+                                                               (torch.float32, 16, 64): "ours"}
+    assert [m.decode_path for m in layers] == ["ours"] * 3
+    speed["ours"] = 0.5
+    assert set(decode_matmul.choose(layers, torch.float32).values()) == {"mv"}
+    assert [m.decode_path for m in layers] == ["mv"] * 3
+    assert "64x32 float32: ours 3.0, linear 1.0, mv 2.0 GB/s -> ours" in caplog.text, "logged with the figures"
+    speed["ours"] = 1.95
+    assert set(decode_matmul.choose(layers, torch.float32).values()) == {"ours"}, "within MARGIN: ours stays"
+
+
+def test_cache_resident_weights_are_not_timed(monkeypatch):
+    """Tiny models: timings would be noise, and a choice flipping between loads would move low bits."""
+    monkeypatch.setattr(decode_matmul, "_seconds", lambda *a: pytest.fail("timed a cache-resident shape"))
+    layers = [_Layer(64, 32), _Layer(64, 32)]
+    assert decode_matmul.choose(layers, torch.float32) == {(torch.float32, 64, 32): "ours"}
+
+
+def test_choice_streams_a_bounded_sample_of_the_models_own_weights(monkeypatch):
+    monkeypatch.setattr(decode_matmul, "CHOOSE_BYTES", 10_000)
+    w = [(torch.zeros(100, 10), None), (torch.zeros(100, 10), None)]  # 4000 bytes each
+    sample = decode_matmul._sample(w + [(torch.zeros(1000, 10, dtype=torch.int8), torch.ones(1000))])
+    assert [s[0].shape[0] for s in sample] == [100, 100, 200] and sample[2][1].shape == (200,)
+
+
+def test_layers_send_decode_rows_to_the_chosen_path_and_prefill_to_torch(monkeypatch):
+    from tp.layers import ColumnParallelLinear
+    layer = ColumnParallelLinear(32, 8, 1, True, torch.float32)
+    torch.nn.init.normal_(layer.weight)
+    torch.nn.init.normal_(layer.bias)
+    seen = []
+    real = decode_matmul.run
+    monkeypatch.setattr(decode_matmul, "run", lambda path, *a: seen.append((path, a[0].shape[0])) or real(path, *a))
+    layer.decode_path = "mv"
+    for rows in (1, 16, 17):
+        x = torch.randn(1, rows, 32)
+        assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5)
+    assert seen == [("mv", 1), ("mv", 16)], "more than MAX_ROWS rows: torch's GEMM"
+
+
+def test_no_kernel_means_a_warning_and_torch_paths(monkeypatch):
+    import torch.utils.cpp_extension
+    monkeypatch.setenv(kernels.ENV, "torch")
+    assert kernels._build() is None, "INTERNLM_TP_GEMV=torch asks for torch's paths"
+    monkeypatch.setenv(kernels.ENV, "auto")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    with pytest.warns(UserWarning, match="capability is DEFAULT, neither AVX512 nor AVX2"):
+        assert kernels._build() is None
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+
+    def no_compiler(**_):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    with pytest.warns(UserWarning, match="could not build gemv.cpp .*Ninja is required.*torch's matmuls"):
+        assert kernels._build() is None
+    monkeypatch.setitem(kernels._state, "op", None)
+    assert decode_matmul.candidates(torch.zeros(4, 4), torch.float32) == ["linear", "mv"]
+
+
+def _path_without_ninja(tmp_path: Path) -> str:
+    """A bin directory with every system tool but ninja: as on a machine where ninja was never installed."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in Path("/usr/bin").iterdir():
+        if tool.name != "ninja":
+            (bin_dir / tool.name).symlink_to(tool)
+    return str(bin_dir)
+
+
+def test_fresh_build_with_no_ninja_on_path_uses_the_venvs(tmp_path):
+    """`.venv/bin/torchrun` runs with the venv's bin/ off PATH; the build finds the ninja pip put there."""
+    assert (Path(sys.executable).parent / "ninja").exists(), "ninja is a declared dependency"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "PATH": _path_without_ninja(tmp_path),
+           kernels.ENV: "auto"}
+    proc = subprocess.run([sys.executable, "-W", "always", "-c", "from tp.cpu_kernels import gemv; print(gemv())"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and f"internlm_tp_{HOST_ISA}.gemv" in proc.stdout, proc.stderr
+    assert "could not build" not in proc.stderr
+
+
+def test_build_waits_for_a_live_build_and_clears_a_dead_ones_lock(tmp_path):
+    """cpp_extension waits forever on the `lock` file of a build killed mid-way (a hang, not an
+    error). Ours takes an flock first, which dies with its process: while another process holds it,
+    we wait; once we hold it, a leftover `lock` is removed and the build goes on."""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), kernels.ENV: "auto"}
+    directory = tmp_path / kernels._build_directory(HOST_ISA).name
+    directory.mkdir()
+    (directory / "lock").touch()  # as a SIGKILLed build leaves it
+    with open(directory / "internlm_tp.flock", "w") as live_build:
+        fcntl.flock(live_build, fcntl.LOCK_EX)
+        proc = subprocess.Popen([sys.executable, "-W", "always", "-c",
+                                 "from tp.cpu_kernels import gemv; print(gemv())"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(3)
+        assert proc.poll() is None and (directory / "lock").exists(), "it waits while a build is live"
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and out.strip() == f"internlm_tp_{HOST_ISA}.gemv", err
+    assert "left by a build that did not finish" in err and not (directory / "lock").exists()

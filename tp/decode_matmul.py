@@ -1,0 +1,122 @@
+"""Which kernel multiplies a few rows of activations (decode) by each weight matrix, chosen on this host.
+
+Batch-1 decode reads every weight once per step, so the best path is whichever streams memory fastest
+here, and that differs between CPUs: torch.mv beat F.linear for bfloat16 by 20% on an Intel host and
+lost by 40% on an AMD one. Nothing is hard-coded: when a model is loaded, every candidate multiplies
+the model's own weights of each shape (up to CHOOSE_BYTES of them, so they come from memory), and
+the fastest is kept for that shape, logged once.
+
+Reproducibility: paths round differently, so a choice that flipped between two loads on one host would
+change low bits of the logits. So ours stays unless another path is MARGIN faster, and shapes whose
+weights fit in MIN_MEASURED_BYTES (cache-resident, where timings are mostly call overhead and noise)
+are not measured: they take the first candidate.
+
+Paths (up to cpu_kernels.MAX_ROWS rows of activations; more rows always take torch's GEMM):
+  ours      tp/csrc/gemv.cpp (float32, bfloat16 and int8 weights)
+  linear    F.linear
+  mv        torch.mv for one row (F.linear for more)
+  int8pack  torch._weight_int8pack_mm: bfloat16 activations and K % 16 == 0 only (it rounds
+            activations to bfloat16 and reads past shorter rows)
+  dequant   tp.quant.dequantized_linear (int8 weights converted block by block)
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+from tp import cpu_kernels
+from tp.quant import dequantized_linear
+
+log = logging.getLogger("internlm_tp")
+CHOOSE_BYTES = 64 << 20  # weights timed per shape and path: past the last-level cache of most hosts
+MIN_MEASURED_BYTES = 16 << 20
+MARGIN = 1.1
+_PASSES = 3
+
+
+def candidates(weight: torch.Tensor, x_dtype: torch.dtype) -> list[str]:
+    """The paths that can multiply `x_dtype` activations by `weight` on the CPU, ours first."""
+    mode = cpu_kernels.choice()
+    ours = [] if mode == "torch" or cpu_kernels.gemv() is None else ["ours"]
+    if mode == "ours" and ours:
+        return ours
+    if weight.dtype == torch.int8:
+        packed = x_dtype == torch.bfloat16 and weight.shape[1] % 16 == 0
+        return ours + (["int8pack"] if packed else ["dequant"])
+    return ours + ["linear", "mv"]
+
+
+def run(path: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
+        bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] (M <= MAX_ROWS) times weight [N, K]^T (* scale) (+ bias) through `path`: [M, N]."""
+    if path == "ours":
+        return cpu_kernels.gemv()(x.contiguous(), weight, scale, bias)
+    if path == "linear" or (path == "mv" and x.shape[0] != 1):
+        return F.linear(x, weight, bias)
+    if path == "mv":
+        y = torch.mv(weight, x[0]).unsqueeze(0)
+    elif path == "int8pack":
+        y = torch._weight_int8pack_mm(x, weight, scale.to(torch.bfloat16))
+    elif path == "dequant":
+        y = dequantized_linear(x, weight, scale)
+    else:
+        raise ValueError(f"unknown decode matmul path {path!r}")
+    return y if bias is None else y.add_(bias)
+
+
+def _sample(weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """About CHOOSE_BYTES of the given matrices (whole ones, the last cut to rows), to stream through."""
+    taken, total = [], 0
+    for w, s in weights:
+        rows = min(w.shape[0], max(1, (CHOOSE_BYTES - total) // max(1, w.shape[1] * w.element_size())))
+        taken.append((w[:rows], None if s is None else s[:rows]))
+        total += rows * w.shape[1] * w.element_size()
+        if total >= CHOOSE_BYTES:
+            break
+    return taken
+
+
+def _seconds(path: str, x: torch.Tensor, sample) -> float:
+    run(path, x, *sample[0], None)  # first call: lazy initialisation, not timed
+    best = float("inf")
+    for _ in range(_PASSES):
+        t0 = time.perf_counter()
+        for w, s in sample:
+            run(path, x, w, s, None)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@torch.inference_mode()
+def choose(modules: list, x_dtype: torch.dtype) -> dict[tuple, str]:
+    """Set `decode_path` on each module (objects with `weight` and `weight_scale`) to the fastest path
+    for its weight's dtype and shape on this host; returns {(dtype, N, K): path}."""
+    groups: dict[tuple, list] = defaultdict(list)
+    for m in modules:
+        groups[(m.weight.dtype, *m.weight.shape)].append(m)
+    chosen, report = {}, []
+    for key, members in groups.items():
+        paths = candidates(members[0].weight, x_dtype)
+        weights = sum(m.weight.numel() * m.weight.element_size() for m in members)
+        if len(paths) > 1 and weights >= MIN_MEASURED_BYTES:
+            sample = _sample([(m.weight, m.weight_scale) for m in members])
+            x = torch.randn(1, key[2]).to(x_dtype)
+            nbytes = sum(w.numel() * w.element_size() for w, _ in sample)
+            speed = {p: nbytes / _seconds(p, x, sample) / 1e9 for p in paths}
+            best = max(speed, key=speed.get)
+            if speed[best] < MARGIN * speed[paths[0]]:
+                best = paths[0]
+            report.append(f"{key[1]}x{key[2]} {str(key[0]).removeprefix('torch.')}: "
+                          + ", ".join(f"{p} {gbps:.1f}" for p, gbps in speed.items()) + f" GB/s -> {best}")
+        else:
+            best = paths[0]
+        chosen[key] = best
+        for m in members:
+            m.decode_path = best
+    if report:
+        log.info("decode matmuls on %d threads, measured here: %s", torch.get_num_threads(), "; ".join(report))
+    return chosen
