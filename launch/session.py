@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from tp import comm
 from tp.checkpoint import CheckpointError
 from tp.config import ConfigError
-from tp.device import DeviceError, Dist, init_distributed
+from tp.device import DeviceError, Dist, cpu_threads, init_distributed
 from tp.load import load_model
 from tp.model import InternLM
 from tp.partition import model_files_dir
@@ -43,10 +43,13 @@ class Session:
         if cls._current is None:
             try:
                 d = init_distributed(cfg.device, float(cfg.dist_timeout_s), comm_choice=str(cfg.comm))
+                if d.kind == "cpu":
+                    local = int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
+                    torch.set_num_threads(cpu_threads(cfg.get("threads", "auto"), local))
             except USER_ERRORS as err:
                 raise UserError(str(err)) from err
-            log.info("rank %d/%d on %s (pid %d, collectives: %s)", d.rank, d.world_size, d.device, os.getpid(),
-                     type(comm.current()).__name__ if d.world_size > 1 else "none")
+            log.info("rank %d/%d on %s (pid %d, %d threads, collectives: %s)", d.rank, d.world_size, d.device,
+                     os.getpid(), torch.get_num_threads(), type(comm.current()).__name__ if d.world_size > 1 else "none")
             cls._current = cls(d)
         return cls._current
 

@@ -101,3 +101,14 @@ def test_torch_npu_imported_only_when_npu_is_asked_or_probed(monkeypatch):
     assert device._npu_count() == 0
     with pytest.raises(DeviceError, match="is torch_npu installed"):
         resolve_device("npu")
+
+
+def test_cpu_threads_auto_shares_the_cores_among_the_ranks_of_a_host():
+    from tp.device import cpu_threads
+    assert cpu_threads("auto", 1, cores=16) == 16
+    assert cpu_threads("auto", 2, cores=16) == 8, "torchrun's OMP_NUM_THREADS=1 is not the user's choice"
+    assert cpu_threads("auto", 3, cores=2) == 1
+    assert cpu_threads(3, 2, cores=16) == 3 and cpu_threads("4", 2, cores=16) == 4
+    for bad in (0, -1, "many", True):
+        with pytest.raises(ValueError, match="threads=.*expected auto or an integer >= 1"):
+            cpu_threads(bad, 1, cores=2)

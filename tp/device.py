@@ -98,6 +98,20 @@ def init_distributed(requested: str = "auto", timeout_s: float = 300.0,
     return Dist(rank, world_size, local_rank, device, kind)
 
 
+def cpu_threads(choice: str | int, local_world_size: int, cores: int | None = None) -> int:
+    """Threads for one CPU rank: `auto` shares the cores this process may run on among the ranks on this
+    host; an integer is taken as given. torchrun's OMP_NUM_THREADS=1 for several processes is its
+    default, not the user's choice, so it does not count."""
+    if isinstance(choice, str) and choice != "auto":
+        choice = int(choice) if choice.isdigit() else choice
+    if choice == "auto":
+        cores = cores if cores is not None else len(os.sched_getaffinity(0))
+        return max(1, cores // max(1, local_world_size))
+    if isinstance(choice, bool) or not isinstance(choice, int) or choice < 1:
+        raise ValueError(f"threads={choice!r}: expected auto or an integer >= 1")
+    return choice
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued kernels, so a clock read after it measures finished work."""
     if device.type != "cpu":
