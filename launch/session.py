@@ -73,6 +73,8 @@ class Session:
                 tokenizer = Tokenizer(model_files_dir(path, self.dist.rank))
             except USER_ERRORS as err:
                 raise UserError(str(err)) from err
+            if dist.is_initialized() and self.dist.world_size > 1:
+                dist.barrier()  # every rank loaded: HCCL/NCCL build their communicator now, not mid-step
             log.info("loaded %s: %d layers, %s activations, %s weights, rank-local weights %.1f MB", path,
                      model.cfg.num_hidden_layers, model.dtype, model.quantize, model.weight_bytes() / 1e6)
             self.models[key] = (model, tokenizer)
@@ -88,4 +90,5 @@ class Session:
                           bool(cfg.model.get("quantize_embedding", True)))
 
     def generator(self, seed: int) -> torch.Generator:
-        return torch.Generator().manual_seed(int(seed))
+        """On the rank's device, so sampling stays there; the same seed on every rank."""
+        return torch.Generator(device=self.dist.device).manual_seed(int(seed))

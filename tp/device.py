@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from tp import comm
+from tp.routing import hccl_environment
 
 BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 AUTO_ORDER = ("npu", "cuda", "cpu")
@@ -81,6 +82,8 @@ def init_distributed(requested: str = "auto", timeout_s: float = 300.0,
     """
     kind = resolve_device(requested, counts)
     rank, world_size, local_rank = env_ranks()
+    if kind == "npu":
+        os.environ.update(hccl_environment(timeout_s, dict(os.environ)))
     if kind == "cpu":
         device = torch.device("cpu")
     else:

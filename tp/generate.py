@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from tp.device import synchronize
 from tp.model import InternLM
+from tp.routing import eos_check_interval
 
 
 @dataclass(frozen=True)
@@ -45,15 +46,16 @@ def choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) > sampling.top_p  # keep the token that crosses top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    # On the logits' device, with a generator of that device (no copy of B x V probabilities to the
+    # host and back each token); seeded alike on every rank, and rank 0's choice is broadcast anyway.
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
 def prefill_inputs(prompts: list[list[int]], pad_id: int, capacity: int, device):
     """Left-padded ids [B, L], key validity [B, capacity], rotary positions [B, L], mask [B, 1, L, L]
     (None when no prompt is padded: SDPA's causal fast path, in prefill and decode alike)."""
     lengths = torch.tensor([len(p) for p in prompts], device=device)
-    width = int(lengths.max())
+    width = max(len(p) for p in prompts)  # from the host's list: no device read
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
     valid = torch.zeros(len(prompts), capacity, dtype=torch.bool, device=device)
     for row, prompt in enumerate(prompts):
@@ -64,15 +66,26 @@ def prefill_inputs(prompts: list[list[int]], pad_id: int, capacity: int, device)
     # A padding query attends to itself only: never a fully masked row, whose NaNs would reach the
     # cache and poison real rows through 0 * NaN.
     mask = (causal & valid[:, None, None, :width]) | torch.eye(width, dtype=torch.bool, device=device)
-    padded = bool((lengths != width).any())
+    padded = any(len(p) != width for p in prompts)
     return ids, valid, positions, mask if padded else None, lengths
+
+
+def all_finished(finished: torch.Tensor) -> bool:
+    """The decode loop's one device-to-host read (a sync on an accelerator)."""
+    return bool(finished.all())
 
 
 @torch.inference_mode()
 def generate(model: InternLM, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
              pad_id: int = 0, sampling: Sampling = Sampling(), generator: torch.Generator | None = None,
              profile: bool = False) -> Generation:
-    """Generate up to max_new_tokens per prompt; eos_id=-1 never stops early (benchmarks)."""
+    """Generate up to max_new_tokens per prompt; eos_id=-1 never stops early (benchmarks).
+
+    The decode loop reads nothing back from the device: tokens stay there until the end, and whether
+    every sequence has ended is looked at every `eos_check_interval` steps (never with eos_id=-1), so
+    on an accelerator the host queues step n+1 while step n runs. Unless profiling, the only waits
+    are the clock reads around the first token and the final copy of the tokens.
+    """
     if not prompts or max_new_tokens < 1:
         raise ValueError("generate needs at least one prompt and max_new_tokens >= 1")
     if any(len(p) == 0 for p in prompts):
@@ -105,9 +118,10 @@ def generate(model: InternLM, prompts: list[list[int]], max_new_tokens: int, eos
             synchronize(device)
         return time.perf_counter()
 
+    check_every = eos_check_interval(device.type)
     steps, t1 = 0, time.perf_counter()
     for step in range(1, max_new_tokens):
-        if bool(finished.all()):
+        if eos_id >= 0 and (step - 1) % check_every == 0 and all_finished(finished):
             break
         ta = clock()
         slot = width + step - 1

@@ -14,6 +14,7 @@ from torch import nn
 from tp import comm, decode_matmul
 from tp.cpu_kernels import MAX_ROWS
 from tp.quant import int8_linear
+from tp.routing import matmul_route
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device | str | None) -> nn.Parameter:
@@ -38,7 +39,7 @@ class _Weight(nn.Module):
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
         rows = x.numel() // k if k else 0
-        if x.device.type == "cpu" and 0 < rows <= MAX_ROWS:
+        if matmul_route(x.device.type, rows, MAX_ROWS) == "decode":
             if self.decode_path is None:
                 self.decode_path = decode_matmul.candidates(self.weight, x.dtype)[0]
             y = decode_matmul.run(self.decode_path, x.reshape(rows, k), self.weight, self.weight_scale, bias)

@@ -9,10 +9,15 @@ column-parallel scales with their rows, row-parallel scales whole (scaling commu
 """
 from __future__ import annotations
 
+import logging
 import re
 
 import torch
 import torch.nn.functional as F
+
+from tp.routing import int8_route
+
+log = logging.getLogger("internlm_tp")
 
 QUANTIZE_CHOICES = ("none", "int8")
 _LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
@@ -71,17 +76,26 @@ def dequantized_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) ->
     return y.mul_(scale.to(y.dtype))
 
 
+_told: set[str] = set()
+
+
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x @ (q * scale[:, None]).T without materialising the whole float weight; `scale` is float32.
 
     For prefill-sized inputs (a few rows of x on the CPU go through tp.decode_matmul's choice instead):
     `dequantized_linear`, for the float GEMM is ~6x faster than torch's int8 kernel at 512 rows.
-    NPU: torch_npu.npu_weight_quant_batchmatmul when the installed torch_npu has it.
+    NPU: torch_npu.npu_weight_quant_batchmatmul where its documented limits allow (tp.routing), else
+    the dequantizing path, said once per reason.
     """
     lead, k = x.shape[:-1], x.shape[-1]
-    if x.device.type == "npu":
+    route, why = int8_route(x.device.type, x.dtype, q.shape[0], k)
+    if route == "npu_weight_quant":
         import torch_npu
         if hasattr(torch_npu, "npu_weight_quant_batchmatmul"):
             y = torch_npu.npu_weight_quant_batchmatmul(x.reshape(-1, k), q.t(), scale.to(x.dtype))
             return y.view(*lead, q.shape[0])
+        why = "the installed torch_npu has no npu_weight_quant_batchmatmul"
+    if why and why not in _told:
+        _told.add(why)
+        log.info("int8 on %s: %s; dequantizing instead", x.device.type, why)
     return dequantized_linear(x, q, scale)

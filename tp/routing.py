@@ -1,0 +1,59 @@
+"""Device decisions as pure functions of (device type, dtype, shape), so the CPU test suite checks them
+for `npu` and `cuda` too, where no such device is present. Each encodes a documented limit:
+
+- HCCL all-reduce takes int8/16/32/64, fp16, fp32 and bf16 (fp64 only on the newest chips):
+  Ascend/pytorch ProcessGroupHCCL, "Unsupported data type" otherwise.
+- torch_npu.npu_weight_quant_batchmatmul (CANN aclnnWeightQuantBatchMatmulV2): activations fp16 or
+  bf16 (fp16 only on Atlas inference cards), antiquant_scale in the activations' dtype, k and n in
+  [1, 65535].
+- torch.mv on NPU (aclnnMv) takes fp16/fp32 only; on every accelerator F.linear is the GEMV anyway.
+- A device-to-host read (bool(t), t.item(), t.tolist()) waits for every queued kernel: on an
+  accelerator the host then cannot queue step n+1 while the device runs step n.
+"""
+from __future__ import annotations
+
+import torch
+
+NPU_WEIGHT_QUANT_MAX_DIM = 65535
+NPU_WEIGHT_QUANT_DTYPES = (torch.float16, torch.bfloat16)
+EOS_CHECK_EVERY = 8  # decode steps between looks at "has every sequence ended?" on an accelerator
+
+
+def reduction_dtype(device_type: str) -> torch.dtype:
+    """dtype for all-reducing host figures (timings) over ranks: float32 everywhere, since HCCL has no
+    float64 all-reduce on most chips (and a millisecond needs no more than float32's 7 digits)."""
+    return torch.float32
+
+
+def matmul_route(device_type: str, rows: int, max_rows: int) -> str:
+    """'decode' (the CPU's measured GEMV paths, tp.decode_matmul) for up to max_rows rows of
+    activations on the CPU; 'linear' (F.linear, never torch.mv) everywhere else."""
+    return "decode" if device_type == "cpu" and 0 < rows <= max_rows else "linear"
+
+
+def int8_route(device_type: str, x_dtype: torch.dtype, n: int, k: int) -> tuple[str, str]:
+    """(route, why) for an int8 weight [n, k] times `x_dtype` activations off the CPU's decode path:
+    'npu_weight_quant' (the fused NPU op) where its documented limits allow, else 'dequant' (the
+    weight converted block by block, then the float matmul)."""
+    if device_type != "npu":
+        return "dequant", ""
+    if x_dtype not in NPU_WEIGHT_QUANT_DTYPES:
+        return "dequant", f"npu_weight_quant_batchmatmul takes float16/bfloat16 activations, not {x_dtype}"
+    if not (1 <= n <= NPU_WEIGHT_QUANT_MAX_DIM and 1 <= k <= NPU_WEIGHT_QUANT_MAX_DIM):
+        return "dequant", f"npu_weight_quant_batchmatmul takes n, k in [1, {NPU_WEIGHT_QUANT_MAX_DIM}], not {n} x {k}"
+    return "npu_weight_quant", ""
+
+
+def eos_check_interval(device_type: str) -> int:
+    """Decode steps between host reads of the end-of-sequence flags: every step on the CPU (a read
+    costs nothing there), every EOS_CHECK_EVERY steps on an accelerator (the extra steps after every
+    sequence has ended emit masked EOS, cut off before returning)."""
+    return 1 if device_type == "cpu" else EOS_CHECK_EVERY
+
+
+def hccl_environment(timeout_s: float, environ: dict[str, str]) -> dict[str, str]:
+    """HCCL variables to set before the process group starts, unless the user set them.
+    HCCL_CONNECT_TIMEOUT defaults to 120 s and is spent at the first collective, after the model loads,
+    so ranks whose loads differ by minutes fail there; Ascend's launch scripts export 1200."""
+    seconds = str(max(120, int(timeout_s)))
+    return {k: seconds for k in ("HCCL_CONNECT_TIMEOUT", "HCCL_EXEC_TIMEOUT") if k not in environ}
