@@ -22,13 +22,14 @@ from cut_weights.safetensors_writer import StreamingSafetensorsWriter, nbytes
 from tp.checkpoint import READ_BLOCK_BYTES
 from tp.checkpoint import CheckpointReader
 from tp.config import ModelConfig
-from tp.load import DTYPES, expected_names
+from tp.load import DTYPES, check_source_names
 from tp.partition import FORMAT, MANIFEST, VERSION, rank_dir
 from tp.quant import QUANTIZE_CHOICES, is_quantized, quantize_rows, scale_name
 from tp.split import local_shape, pad_rows, shard_bounds, split_of
 
 _POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="cut")
-COPIED_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+COPIED_FILES = (*TOKENIZER_FILES, "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
 class CutError(RuntimeError):
@@ -143,26 +144,22 @@ def cut(opts: CutOptions) -> Path:
     shard_limit = parse_size(opts.max_shard_size)
     cfg = ModelConfig.load(src)
     cfg.check_divisible(world)  # before anything is written
-    if not (src / "tokenizer.model").is_file():
-        raise CutError(f"{src / 'tokenizer.model'}: not found; the partitions need the tokenizer")
+    if not any((src / f).is_file() for f in TOKENIZER_FILES):
+        raise CutError(f"{src}: no tokenizer ({' or '.join(TOKENIZER_FILES)}); the partitions need it")
     reader = CheckpointReader(src)
     names = _source_order(reader)
-    unknown = [n for n in names if _unknown(n)]
-    if unknown:
-        raise CutError(f"{src}: tensor(s) not in the InternLM architecture: {', '.join(unknown[:5])}")
-    missing = sorted(set(expected_names(cfg)) - set(names))
-    if missing:
-        raise CutError(f"{src}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    check_source_names(cfg, set(names), str(src), CutError)
     shapes = {n: reader.shape(n) for n in names}  # reads every file's header: a bad file fails here
     out_dtype = DTYPES[opts.dtype] if opts.dtype != "auto" else reader.dtype("model.norm.weight")
     if out_dtype not in DTYPES.values():
         raise CutError(f"the checkpoint is {out_dtype}; pass dtype=float32, bfloat16 or float16")
     _check_output(out, src, opts.overwrite)
 
-    padded = cfg.padded_vocab_size(world)
+    padded, kv = cfg.padded_vocab_size(world), cfg.kv_heads
+    quantize_lm_head = opts.quantize_embedding if cfg.tie_word_embeddings else opts.quantize_lm_head
 
     def quantized(name: str) -> bool:
-        return is_quantized(name, opts.quantize, opts.quantize_lm_head, opts.quantize_embedding)
+        return is_quantized(name, opts.quantize, quantize_lm_head, opts.quantize_embedding)
 
     outputs: list[RankOutput] = []
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -188,7 +185,7 @@ def cut(opts: CutOptions) -> Path:
             for file in COPIED_FILES:
                 if (src / file).is_file():
                     shutil.copyfile(src / file, directory / file)
-            plan = [entry for n in names for entry in _plan(n, shapes[n], out_dtype, r, world, padded, quantized(n))]
+            plan = [entry for n in names for entry in _plan(n, shapes[n], out_dtype, r, world, padded, kv, quantized(n))]
             outputs.append(RankOutput(directory, _shards(plan, shard_limit)))
 
         total = sum(nbytes(shapes[n], reader.dtype(n)) for n in names)
@@ -196,16 +193,16 @@ def cut(opts: CutOptions) -> Path:
                   desc=f"cut {src.name} for {world} ranks") as bar:
             for name in names:
                 if quantized(name):
-                    _stream_quantized(reader, name, shapes[name], outputs, world, padded, bar)
+                    _stream_quantized(reader, name, shapes[name], outputs, world, padded, kv, bar)
                 else:
-                    _stream_tensor(reader, name, shapes[name], out_dtype, outputs, world, padded, bar)
+                    _stream_tensor(reader, name, shapes[name], out_dtype, outputs, world, padded, kv, bar)
         rank_files = {str(r): {"files": o.finish()} for r, o in enumerate(outputs)}
 
         manifest = {
             "format": FORMAT, "version": VERSION, "world_size": world,
             "vocab_size": cfg.vocab_size, "padded_vocab_size": padded,
             "dtype": str(out_dtype).removeprefix("torch."), "quantize": opts.quantize,
-            "quantize_lm_head": opts.quantize == "int8" and opts.quantize_lm_head,
+            "quantize_lm_head": opts.quantize == "int8" and quantize_lm_head,
             "quantize_embedding": opts.quantize == "int8" and opts.quantize_embedding,
             "source": {"path": str(src.resolve()), "format": reader.format, "files": reader.file_bytes()},
             "tensors": {n: entry for name in names
@@ -223,13 +220,13 @@ def cut(opts: CutOptions) -> Path:
     return out
 
 
-def _plan(name, shape, out_dtype, rank, world, padded, quantized: bool):
+def _plan(name, shape, out_dtype, rank, world, padded, kv, quantized: bool):
     """The rank's (tensor, local shape, dtype) entries for source tensor `name`."""
     if not quantized:
-        return [(name, local_shape(name, shape, rank, world, padded), out_dtype)]
+        return [(name, local_shape(name, shape, rank, world, padded, kv), out_dtype)]
     scale = scale_name(name)
-    return [(name, local_shape(name, shape, rank, world, padded), torch.int8),
-            (scale, local_shape(scale, shape[:1], rank, world, padded), torch.float32)]
+    return [(name, local_shape(name, shape, rank, world, padded, kv), torch.int8),
+            (scale, local_shape(scale, shape[:1], rank, world, padded, kv), torch.float32)]
 
 
 def _manifest_entries(name, shape, source_dtype, out_dtype, quantized: bool):
@@ -252,16 +249,8 @@ def _pid_alive(pid: str) -> bool:
     return True
 
 
-def _unknown(name: str) -> bool:
-    try:
-        split_of(name)
-    except KeyError:
-        return True
-    return False
-
-
-def _stream_tensor(reader, name, shape, out_dtype, outputs, world, padded, bar) -> None:
-    bounds = [shard_bounds(name, shape, r, world, padded) for r in range(world)]
+def _stream_tensor(reader, name, shape, out_dtype, outputs, world, padded, kv, bar) -> None:
+    bounds = [shard_bounds(name, shape, r, world, padded, kv) for r in range(world)]
     split = bounds[0][0]
     rows = shape[0]
     row_bytes = max(1, nbytes(shape[1:], reader.dtype(name)))
@@ -298,10 +287,10 @@ def _stream_tensor(reader, name, shape, out_dtype, outputs, world, padded, bar) 
     _write_padding(name, shape, out_dtype, outputs, bounds)
 
 
-def _stream_quantized(reader, name, shape, outputs, world, padded, bar) -> None:
+def _stream_quantized(reader, name, shape, outputs, world, padded, kv, bar) -> None:
     """int8 rows and per-row scales (tp/quant.py) of a linear weight, quantized block by block:
     rows are independent, so the bits equal a load-time quantization of the same rows."""
-    bounds = [shard_bounds(name, shape, r, world, padded) for r in range(world)]
+    bounds = [shard_bounds(name, shape, r, world, padded, kv) for r in range(world)]
     split = bounds[0][0]
     rows, row_bytes = shape[0], max(1, nbytes(shape[1:], reader.dtype(name)))
     step = max(1, READ_BLOCK_BYTES // row_bytes)

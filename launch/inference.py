@@ -38,10 +38,10 @@ def run(cfg: DictConfig, session: Session, out_dir: Path) -> None:
         encoded.append(ids)
     sampling, gen = _sampling(task), session.generator(cfg.seed)
     if int(task.get("warmup_tokens", 0)) > 0:
-        generate(model, encoded[:1], int(task.warmup_tokens), tok.eos_id, sampling=sampling, generator=gen)
+        generate(model, encoded[:1], int(task.warmup_tokens), model.cfg.stop_ids, sampling=sampling, generator=gen)
     rows = []
     for batch_text, batch_ids in zip(batches(prompts, batch_size), batches(encoded, batch_size)):
-        result = generate(model, batch_ids, max_new, tok.eos_id, sampling=sampling, generator=gen)
+        result = generate(model, batch_ids, max_new, model.cfg.stop_ids, sampling=sampling, generator=gen)
         for text, ids in zip(batch_text, result.tokens):
             rows.append({"prompt": text, "output": tok.decode(ids), "output_ids": ids,
                          "first_token_ms": round(result.first_token_ms, 3),

@@ -122,7 +122,7 @@ def run(cfg: DictConfig, session: Session, out_dir: Path) -> None:
         log.warning("%s holds the project's built-in demo questions, NOT C-Eval: the score below only shows "
                     "that the pipeline runs; pass task.data_dir=DIR for the real data", data_dir)
     model, tok = session.model_for(cfg)
-    letter_ids = [tok.piece_id(c) for c in ceval.CHOICES]
+    letter_ids = answer_ids(tok, "答案：")
     if protocol == "official" and None in letter_ids:
         raise UserError(f"the tokenizer has no piece for {[c for c, i in zip(ceval.CHOICES, letter_ids) if i is None]}: "
                         f"the official protocol reads the logits of the bare letters A, B, C, D")
@@ -149,7 +149,7 @@ def run(cfg: DictConfig, session: Session, out_dir: Path) -> None:
             logits = next_token_logits(model, prompts)[:, letter_ids]
             predictions = [ceval.CHOICES[i] for i in logits.argmax(dim=-1).tolist()]
         else:
-            result = generate(model, prompts, ATB_NEW_TOKENS, tok.eos_id)
+            result = generate(model, prompts, ATB_NEW_TOKENS, model.cfg.stop_ids)
             predictions = [ceval.first_letter(tok.decode(ids)) or "-1" for ids in result.tokens]
         if session.dist.is_main:
             cache.append([{"subject": q.subject, "id": q.id, "answer": q.answer, "prediction": p,
@@ -168,6 +168,18 @@ def run(cfg: DictConfig, session: Session, out_dir: Path) -> None:
         print(ceval.format_table(classes_acc), flush=True)
         log.info("%s (%s, %d-shot) over %d questions of %d subjects: results in %s",
                  "demo questions" if demo else "C-Eval", protocol, shots, len(rows), len(subject_acc), result_dir)
+
+
+def answer_ids(tok, prompt: str) -> list[int | None]:
+    """The ids whose next-token logits decide the official protocol's answer: for each letter, the token
+    that prompt + letter ends in when the letter adds exactly one token (sentencepiece's bare `A`, or a
+    BPE vocabulary's own token for it in that place), else the bare piece (None if there is none)."""
+    base = tok.encode(prompt)
+    ids = []
+    for letter in ceval.CHOICES:
+        full = tok.encode(prompt + letter)
+        ids.append(full[-1] if len(full) == len(base) + 1 and full[:-1] == base else tok.piece_id(letter))
+    return ids
 
 
 def encode_prompt(tok, protocol: str, mapping, shots: list, question, context: int) -> list[int]:

@@ -68,9 +68,9 @@ class Session:
         if key not in self.models:
             self.models.clear()  # one model resident at a time
             try:
+                tokenizer = Tokenizer(model_files_dir(path, self.dist.rank))  # before any weight is read
                 model = load_model(path, self.dist.rank, self.dist.world_size, self.dist.device, dtype,
                                    quantize, quantize_lm_head, quantize_embedding)
-                tokenizer = Tokenizer(model_files_dir(path, self.dist.rank))
             except USER_ERRORS as err:
                 raise UserError(str(err)) from err
             if dist.is_initialized() and self.dist.world_size > 1:

@@ -15,8 +15,9 @@ def run_rank(rank: int, world_size: int, port: int, ckpt: str, prompts: list[lis
 
     d = init_distributed("cpu", timeout_s=120)
     model = load_model(ckpt, d.rank, d.world_size, d.device, dtype, quantize)
-    batched = generate(model, prompts, max_new_tokens, eos_id=2)
-    alone = [generate(model, [p], max_new_tokens, eos_id=2).tokens[0] for p in prompts]
+    stops = model.cfg.stop_ids
+    batched = generate(model, prompts, max_new_tokens, eos_id=stops)
+    alone = [generate(model, [p], max_new_tokens, eos_id=stops).tokens[0] for p in prompts]
     logits = next_token_logits(model, prompts)
     torch.save({"batched": batched.tokens, "alone": alone, "logits": logits},
                os.path.join(out_dir, f"rank{rank}.pt"))

@@ -207,9 +207,9 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_shard(reader: CheckpointReader, name: str, rank: int, world_size: int,
-               padded_vocab: int | None = None) -> torch.Tensor:
+               padded_vocab: int | None = None, kv_heads: int | None = None) -> torch.Tensor:
     """The slice of source tensor `name` that `rank` holds, as the split table says, read alone."""
-    split, start, stop, pad = shard_bounds(name, reader.shape(name), rank, world_size, padded_vocab)
+    split, start, stop, pad = shard_bounds(name, reader.shape(name), rank, world_size, padded_vocab, kv_heads)
     if split.dim is None:
         return reader.read(name)
     return pad_rows(reader.read(name, split.dim, start, stop), split.dim, pad)

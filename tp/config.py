@@ -1,6 +1,8 @@
-"""The model's shape, read from an InternLM `config.json` (SPEC §1)."""
+"""The model's shape, read from a checkpoint's `config.json` (SPEC §1, §1b): InternLM, InternLM2/2.5 or
+a LLaMA-layout checkpoint, recognised by `architectures` / `model_type`."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -27,6 +29,53 @@ def read_json(path: Path, error: type[Exception]):
         raise error(f"{path}: not valid JSON ({err})") from err
 
 
+# Published layouts: the architectures / model_type names that select each one.
+LAYOUTS = {"internlm": ("InternLMForCausalLM", "internlm"), "internlm2": ("InternLM2ForCausalLM", "internlm2"),
+           "llama": ("LlamaForCausalLM", "llama")}
+
+
+def layout_of(raw: dict, source: str) -> str:
+    """The layout the config names; a config naming neither key is InternLM's (SPEC §1)."""
+    names = [a for a in (raw.get("architectures") or []) if isinstance(a, str)]
+    model_type = raw.get("model_type")
+    for layout, (arch, mtype) in LAYOUTS.items():
+        if arch in names or model_type == mtype:
+            return layout
+    if not names and model_type is None:
+        return "internlm"
+    found = ", ".join(filter(None, [f"architectures {names}" if names else "", f"model_type {model_type!r}"
+                                    if model_type is not None else ""]))
+    raise ConfigError(f"{source}: {found} is not a supported layout; expected one of "
+                      f"{', '.join(a for a, _ in LAYOUTS.values())}")
+
+
+def _rope_scaling(raw: dict, source: str) -> tuple[str | None, float]:
+    """(kind, factor) from `rope_scaling` ({"type" or "rope_type": "dynamic" | "linear", "factor": f}),
+    or InternLM's `rotary: {"type": "dynamic"}` (factor 1)."""
+    scaling = raw.get("rope_scaling")
+    if scaling is None:
+        rotary = raw.get("rotary")
+        return ("dynamic", 1.0) if isinstance(rotary, dict) and rotary.get("type") == "dynamic" else (None, 1.0)
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"{source}: rope_scaling must be an object, got {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return None, 1.0
+    if kind not in ("dynamic", "linear"):
+        raise ConfigError(f"{source}: rope_scaling type {kind!r} is not supported (dynamic or linear)")
+    factor = scaling.get("factor", 1.0)
+    if not _positive_number(factor):
+        raise ConfigError(f"{source}: rope_scaling factor must be a positive number, got {factor!r}")
+    return kind, float(factor)
+
+
+def _eos_ids(value, source: str) -> tuple[int, ...]:
+    values = value if isinstance(value, list) else [value]
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
+        raise ConfigError(f"{source}: eos_token_id must be a token id or a list of them, got {value!r}")
+    return tuple(dict.fromkeys(values))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     hidden_size: int
@@ -38,14 +87,33 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     bias: bool = True
     rope_theta: float = 10000.0
-    # InternLM's `"rotary": {"type": "dynamic"}`: NTK scaling, only past max_position_embeddings.
-    rope_dynamic: bool = False
+    # InternLM's `"rotary": {"type": "dynamic"}` or `rope_scaling`: dynamic NTK changes only positions
+    # past max_position_embeddings; linear divides every position by the factor.
+    rope_scaling: str | None = None
+    rope_factor: float = 1.0
     bos_token_id: int = 1
     eos_token_id: int = 2
+    layout: str = "internlm"
+    num_key_value_heads: int = 0     # 0: as many as attention heads
+    head_dim_override: int = 0       # 0: hidden_size / num_attention_heads
+    tie_word_embeddings: bool = False
+    eos_token_ids: tuple[int, ...] = ()  # every id that ends a sequence (generation_config.json)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.head_dim_override or self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def rope_dynamic(self) -> bool:
+        return self.rope_scaling == "dynamic"
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return self.eos_token_ids or (self.eos_token_id,)
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> "ModelConfig":
@@ -58,36 +126,54 @@ class ModelConfig:
             value = raw[key]
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{source}: {key} must be a positive integer, got {value!r}")
-        if raw["hidden_size"] % raw["num_attention_heads"]:
+        layout = layout_of(raw, source)
+        heads = raw["num_attention_heads"]
+        head_dim = raw.get("head_dim")
+        if head_dim is not None and (isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0):
+            raise ConfigError(f"{source}: head_dim must be a positive integer, got {head_dim!r}")
+        if head_dim is None and raw["hidden_size"] % heads:
             raise ConfigError(f"{source}: hidden_size {raw['hidden_size']} is not a multiple of "
-                              f"num_attention_heads {raw['num_attention_heads']}")
+                              f"num_attention_heads {heads}")
+        kv = raw.get("num_key_value_heads", heads)
+        kv = heads if kv is None else kv
+        if isinstance(kv, bool) or not isinstance(kv, int) or kv <= 0:
+            raise ConfigError(f"{source}: num_key_value_heads must be a positive integer, got {kv!r}")
+        if heads % kv:
+            raise ConfigError(f"{source}: num_key_value_heads {kv} does not divide num_attention_heads {heads}")
         eps = raw.get("rms_norm_eps", 1e-6)
         if not _positive_number(eps):
             raise ConfigError(f"{source}: rms_norm_eps must be a positive number, got {eps!r}")
-        bias = raw.get("bias", True)
+        bias_key = "attention_bias" if layout == "llama" else "bias"
+        bias = raw.get(bias_key, layout == "internlm")
         if not isinstance(bias, bool):
-            raise ConfigError(f"{source}: bias must be true or false, got {bias!r}")
-        theta, dynamic = raw.get("rope_theta", 10000.0), False
+            raise ConfigError(f"{source}: {bias_key} must be true or false, got {bias!r}")
+        tied = raw.get("tie_word_embeddings", False)
+        if not isinstance(tied, bool):
+            raise ConfigError(f"{source}: tie_word_embeddings must be true or false, got {tied!r}")
+        theta = raw.get("rope_theta", 10000.0)
         rotary = raw.get("rotary")
         if rotary is not None:
             if not isinstance(rotary, dict):
                 raise ConfigError(f"{source}: rotary must be an object, got {rotary!r}")
             theta = rotary.get("base", theta)
-            dynamic = rotary.get("type") == "dynamic"
         if not _positive_number(theta):
             raise ConfigError(f"{source}: rope base must be a positive number, got {theta!r}")
+        scaling, factor = _rope_scaling(raw, source)
         special = {}
         for key, default in (("bos_token_id", 1), ("eos_token_id", 2)):
             value = raw.get(key, default)
             value = default if value is None else value  # some configs write null for an unused id
+            if isinstance(value, list) and key == "eos_token_id" and value:
+                value = _eos_ids(value, source)[0]
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{source}: {key} must be a token id (integer >= 0), got {value!r}")
             special[key] = value
         return cls(
             hidden_size=raw["hidden_size"], intermediate_size=raw["intermediate_size"],
-            num_attention_heads=raw["num_attention_heads"], num_hidden_layers=raw["num_hidden_layers"],
+            num_attention_heads=heads, num_hidden_layers=raw["num_hidden_layers"],
             vocab_size=raw["vocab_size"], max_position_embeddings=raw["max_position_embeddings"],
-            rms_norm_eps=float(eps), bias=bias, rope_theta=float(theta), rope_dynamic=dynamic,
+            rms_norm_eps=float(eps), bias=bias, rope_theta=float(theta), rope_scaling=scaling, rope_factor=factor,
+            layout=layout, num_key_value_heads=kv, head_dim_override=head_dim or 0, tie_word_embeddings=tied,
             **special,
         )
 
@@ -96,7 +182,13 @@ class ModelConfig:
         path = Path(checkpoint_dir) / "config.json"
         if not path.is_file():
             raise ConfigError(f"{path}: not found (is {checkpoint_dir} a checkpoint directory?)")
-        return cls.from_dict(read_json(path, ConfigError), source=str(path))
+        cfg = cls.from_dict(read_json(path, ConfigError), source=str(path))
+        generation = Path(checkpoint_dir) / "generation_config.json"
+        if generation.is_file():  # chat models end turns with a second EOS listed here
+            raw = read_json(generation, ConfigError)
+            if isinstance(raw, dict) and raw.get("eos_token_id") is not None:
+                cfg = dataclasses.replace(cfg, eos_token_ids=_eos_ids(raw["eos_token_id"], str(generation)))
+        return cfg
 
     def check_divisible(self, world_size: int) -> None:
         """Refuse a TP size that does not split the heads or the MLP evenly (vocab is padded instead)."""
@@ -108,6 +200,18 @@ class ModelConfig:
         if problems:
             raise ConfigError(f"tensor parallel size {world_size} does not divide "
                               f"{' and '.join(problems)}; choose a world size that divides both")
+        kv = self.kv_heads
+        if kv % world_size and world_size % kv:
+            raise ConfigError(f"tensor parallel size {world_size} can not place num_key_value_heads={kv}: "
+                              f"it must divide them (split) or be a multiple of them (replicated)")
+
+    def kv_groups(self, world_size: int) -> int:
+        """Distinct kv heads groups over the ranks: kv heads split when N divides them, else each
+        rank keeps the one its query heads use (N a multiple of them)."""
+        return min(self.kv_heads, world_size)
+
+    def local_kv_heads(self, world_size: int) -> int:
+        return max(1, self.kv_heads // world_size)
 
     def padded_vocab_size(self, world_size: int) -> int:
         return -(-self.vocab_size // world_size) * world_size

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -70,16 +71,24 @@ def prefill_inputs(prompts: list[list[int]], pad_id: int, capacity: int, device)
     return ids, valid, positions, mask if padded else None, lengths
 
 
+def _through_first_stop(row: list[int], stops: list[int]) -> list[int]:
+    for i, t in enumerate(row):
+        if t in stops:
+            return row[: i + 1]
+    return row
+
+
 def all_finished(finished: torch.Tensor) -> bool:
     """The decode loop's one device-to-host read (a sync on an accelerator)."""
     return bool(finished.all())
 
 
 @torch.inference_mode()
-def generate(model: InternLM, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
+def generate(model: InternLM, prompts: list[list[int]], max_new_tokens: int, eos_id: int | Sequence[int],
              pad_id: int = 0, sampling: Sampling = Sampling(), generator: torch.Generator | None = None,
              profile: bool = False) -> Generation:
-    """Generate up to max_new_tokens per prompt; eos_id=-1 never stops early (benchmarks).
+    """Generate up to max_new_tokens per prompt, a sequence ending at any id of `eos_id` (an id or a
+    list: chat models end turns with a second EOS); eos_id=-1 never stops early (benchmarks).
 
     The decode loop reads nothing back from the device: tokens stay there until the end, and whether
     every sequence has ended is looked at every `eos_check_interval` steps (never with eos_id=-1), so
@@ -90,6 +99,7 @@ def generate(model: InternLM, prompts: list[list[int]], max_new_tokens: int, eos
         raise ValueError("generate needs at least one prompt and max_new_tokens >= 1")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt: every prompt needs at least one token (BOS)")
+    stops = [e for e in ([eos_id] if isinstance(eos_id, int) else list(eos_id)) if e >= 0]
     device = model.device
     width = max(len(p) for p in prompts)
     capacity = width + max_new_tokens
@@ -110,7 +120,8 @@ def generate(model: InternLM, prompts: list[list[int]], max_new_tokens: int, eos
     first_ms = (time.perf_counter() - t0) * 1e3
 
     out = [token]
-    finished = token == eos_id
+    stop_ids = torch.tensor(stops or [-1], device=device)
+    finished = torch.isin(token, stop_ids)
     phases = torch.zeros(3, dtype=torch.float64)  # pre, forward, post (profile only)
 
     def clock() -> float:
@@ -121,7 +132,7 @@ def generate(model: InternLM, prompts: list[list[int]], max_new_tokens: int, eos
     check_every = eos_check_interval(device.type)
     steps, t1 = 0, time.perf_counter()
     for step in range(1, max_new_tokens):
-        if eos_id >= 0 and (step - 1) % check_every == 0 and all_finished(finished):
+        if stops and (step - 1) % check_every == 0 and all_finished(finished):
             break
         ta = clock()
         slot = width + step - 1
@@ -130,9 +141,9 @@ def generate(model: InternLM, prompts: list[list[int]], max_new_tokens: int, eos
         tb = clock()
         logits = model(token.unsqueeze(1), pos, None if mask is None else valid[:, None, None, : slot + 1], slot)
         tc = clock()
-        token = pick(logits).masked_fill(finished, eos_id)
+        token = pick(logits).masked_fill(finished, stops[0] if stops else -1)
         out.append(token)
-        finished |= token == eos_id
+        finished |= torch.isin(token, stop_ids)
         steps += 1
         if profile:
             phases += torch.tensor([tb - ta, tc - tb, clock() - tc], dtype=torch.float64)
@@ -141,7 +152,7 @@ def generate(model: InternLM, prompts: list[list[int]], max_new_tokens: int, eos
     pre_ms, forward_ms, post_ms = (phases * 1e3 / steps).tolist() if profile and steps else [float("nan")] * 3
 
     table = torch.stack(out, dim=1).tolist()
-    tokens = [row[: row.index(eos_id) + 1] if eos_id in row else row for row in table]
+    tokens = [_through_first_stop(row, stops) for row in table]
     return Generation(tokens, first_ms, next_ms, steps, pre_ms, forward_ms, post_ms)
 
 

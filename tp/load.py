@@ -1,7 +1,6 @@
 """Build the model for one rank and fill it with that rank's slices of a checkpoint."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Callable
 
@@ -13,45 +12,40 @@ from tp.config import ModelConfig
 from tp.model import InternLM
 from tp.partition import is_cut, open_partition
 from tp.quant import check_choice, is_quantized, quantize_rows, scale_name
-from tp.split import pad_rows, shard_bounds
+from tp.layout import lm_head_name, source_names, targets
+from tp.split import pad_rows, shard_bounds, split_of
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-# Source projections stacked into one fused parameter: name -> (fused name, position, count).
-_FUSED = {"q_proj": ("qkv_proj", 0, 3), "k_proj": ("qkv_proj", 1, 3), "v_proj": ("qkv_proj", 2, 3),
-          "gate_proj": ("gate_up_proj", 0, 2), "up_proj": ("gate_up_proj", 1, 2)}
-_PROJ = re.compile(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.")
-
-
 def expected_names(cfg: ModelConfig, quantize: str = "none", quantize_lm_head: bool = True,
                    quantize_embedding: bool = True) -> list[str]:
-    """Every tensor an InternLM checkpoint of this shape must hold (LLaMA names); with int8, each
-    quantized weight is followed by its `_scale`."""
-    names = _source_names(cfg)
-    return [m for n in names
+    """Every tensor a checkpoint of this layout and shape must hold; with int8, each quantized weight
+    is followed by its `_scale`."""
+    return [m for n in source_names(cfg)
             for m in ([n, scale_name(n)] if is_quantized(n, quantize, quantize_lm_head, quantize_embedding) else [n])]
 
 
-def _source_names(cfg: ModelConfig) -> list[str]:
-    names = ["model.embed_tokens.weight"]
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            names.append(f"{p}self_attn.{proj}.weight")
-            if cfg.bias:
-                names.append(f"{p}self_attn.{proj}.bias")
-        names += [f"{p}mlp.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj")]
-        names += [f"{p}input_layernorm.weight", f"{p}post_attention_layernorm.weight"]
-    return names + ["model.norm.weight", "lm_head.weight"]
+def check_source_names(cfg: ModelConfig, present: set[str], where: str, error: type[Exception]) -> None:
+    """A checkpoint's tensors against its layout: a tied model that also ships an LM head, a tensor of
+    another layout, or a missing one, each refused in one line."""
+    head = lm_head_name(cfg)
+    if cfg.tie_word_embeddings and head in present:
+        raise error(f"{where}: config.json ties the LM head to the embedding (tie_word_embeddings: true) "
+                    f"but the checkpoint also holds {head}; set tie_word_embeddings to false or drop the tensor")
+    unknown = sorted(n for n in present if not _known(n))
+    if unknown:
+        raise error(f"{where}: tensor(s) not in the {cfg.layout} layout: {', '.join(unknown[:5])}")
+    missing = [n for n in source_names(cfg) if n not in present]
+    if missing:
+        raise error(f"{where}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
 
 
-def parameter_of(name: str) -> tuple[str, int, int]:
-    """(model parameter, position among the fused pieces, number of pieces) for a source tensor."""
-    match = _PROJ.search(name)
-    if not match:
-        return name, 0, 1
-    fused, piece, pieces = _FUSED[match.group(1)]
-    return name[: match.start(1)] + fused + name[match.end(1):], piece, pieces
+def _known(name: str) -> bool:
+    try:
+        split_of(name)
+    except KeyError:
+        return False
+    return True
 
 
 def resolve_dtype(requested: str, source: torch.dtype, device: torch.device) -> torch.dtype:
@@ -66,26 +60,27 @@ def resolve_dtype(requested: str, source: torch.dtype, device: torch.device) -> 
 
 
 def fill(model: InternLM, local_tensor: Callable[[str], torch.Tensor], names: list[str]) -> None:
-    """Copy every source tensor's rank-local slice into its (possibly fused) parameter."""
+    """Copy every source tensor's rank-local slice into its (possibly fused, or unpacked) parameter."""
     params = dict(model.named_parameters())
     for name in names:
-        target, piece, pieces = parameter_of(name)
-        param = params[target]
         tensor = local_tensor(name)
-        rows = param.shape[0] // pieces
-        expected = (rows, *param.shape[1:])
-        if tuple(tensor.shape) != expected:
-            raise CheckpointError(f"tensor {name}: rank-local shape {tuple(tensor.shape)}, "
-                                  f"the model expects {expected}")
-        param.data[piece * rows:(piece + 1) * rows].copy_(tensor)
+        for target in targets(name, model.cfg, model.rank, model.world_size):
+            param = params[target.parameter]
+            part = tensor if target.pick is None else target.pick(tensor)
+            rows = param.shape[0] if target.rows is None else target.rows
+            expected = (rows, *param.shape[1:])
+            if tuple(part.shape) != expected:
+                raise CheckpointError(f"tensor {name}: rank-local shape {tuple(part.shape)}, "
+                                      f"the model expects {expected}")
+            param.data[target.start:target.start + rows].copy_(part)
 
 
 def read_quantized_shard(reader: CheckpointReader, name: str, rank: int, world_size: int,
-                         padded_vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+                         padded_vocab: int, kv_heads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 slice, its scales) of float weight `name` for `rank`, as `cut_weights quantize=int8`
     writes them. A row-parallel weight's per-row scales need whole rows, read in blocks."""
     shape = reader.shape(name)
-    split, start, stop, pad = shard_bounds(name, shape, rank, world_size, padded_vocab)
+    split, start, stop, pad = shard_bounds(name, shape, rank, world_size, padded_vocab, kv_heads)
     if split.dim == 1:
         step = max(1, READ_BLOCK_BYTES // (shape[1] * reader.dtype(name).itemsize))
         parts = [quantize_rows(reader.read(name, 0, a, min(a + step, shape[0]))) for a in range(0, shape[0], step)]
@@ -125,8 +120,10 @@ def load_model(path: str | Path, rank: int = 0, world_size: int = 1, device: tor
     quantize = resolve_quantize(quantize, manifest)
     cfg = ModelConfig.load(directory)
     cfg.check_divisible(world_size)
+    if cfg.tie_word_embeddings:
+        quantize_lm_head = quantize_embedding  # one tensor
     source = CheckpointReader(directory)
-    padded = cfg.padded_vocab_size(world_size)
+    padded, kv = cfg.padded_vocab_size(world_size), cfg.kv_heads
     scales: dict[str, torch.Tensor] = {}
 
     def local(name: str) -> torch.Tensor:  # a cut already holds rank-local (and quantized) slices
@@ -135,16 +132,19 @@ def load_model(path: str | Path, rank: int = 0, world_size: int = 1, device: tor
         if name in scales:
             return scales.pop(name)
         if is_quantized(name, quantize, quantize_lm_head, quantize_embedding):
-            q, scales[scale_name(name)] = read_quantized_shard(source, name, rank, world_size, padded)
+            q, scales[scale_name(name)] = read_quantized_shard(source, name, rank, world_size, padded, kv)
             return q
-        return read_shard(source, name, rank, world_size, padded)
+        return read_shard(source, name, rank, world_size, padded, kv)
 
     expected = expected_names(cfg, quantize, quantize_lm_head, quantize_embedding)
     present = set(source.names())
-    missing = [n for n in (expected if cut else _source_names(cfg)) if n not in present]
-    if missing:
-        raise CheckpointError(f"{directory}: missing tensor(s) {', '.join(missing[:5])}"
-                              f"{' ...' if len(missing) > 5 else ''}")
+    if cut:
+        missing = [n for n in expected if n not in present]
+        if missing:
+            raise CheckpointError(f"{directory}: missing tensor(s) {', '.join(missing[:5])}"
+                                  f"{' ...' if len(missing) > 5 else ''}")
+    else:
+        check_source_names(cfg, present, str(directory), CheckpointError)
     model = InternLM(cfg, rank, world_size, resolve_dtype(dtype, source.dtype("model.norm.weight"), device), device,
                      quantize=quantize, quantize_lm_head=quantize_lm_head, quantize_embedding=quantize_embedding)
     fill(model, local, expected)

@@ -1,9 +1,10 @@
-"""InternLM-7B (LLaMA with bias on q/k/v/o) built from tensor-parallel layers, with a KV cache.
+"""InternLM-7B, InternLM2 and LLaMA-layout models built from tensor-parallel layers, with a KV cache.
 
-Numerically it follows transformers' LlamaForCausalLM(attention_bias=True): RMSNorm in float32,
-rotate-half rotary embedding, SwiGLU MLP. Rank r holds heads [r*h/N, (r+1)*h/N) and the matching
-MLP columns. q/k/v and gate/up are fused into one column-parallel matmul each; the loader stacks
-the source slices (see `tp.load`).
+Numerically it follows transformers' LlamaForCausalLM (attention_bias as the config says,
+num_key_value_heads for grouped-query attention): RMSNorm in float32, rotate-half rotary embedding,
+SwiGLU MLP. Rank r holds query heads [r*h/N, (r+1)*h/N), the kv heads they use (split when N divides
+the kv heads, else its one kv head, replicated), and the matching MLP columns. q/k/v and gate/up are
+fused into one column-parallel matmul each; the loader places the source slices (see `tp.layout`).
 """
 from __future__ import annotations
 
@@ -32,9 +33,11 @@ class RMSNorm(nn.Module):
 def rope_tables(cfg: ModelConfig, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape [length, head_dim] in float32 (halves repeated, rotate-half layout).
 
-    InternLM's dynamic NTK rotary only differs from the plain one past max_position_embeddings:
-    positions before it always get the configured base; positions past it (a request longer than
-    the context) get the base rescaled for the request's length (scaling factor 1, as InternLM).
+    Dynamic NTK (InternLM's `rotary`, or `rope_scaling` dynamic) only differs from the plain rotary
+    past max_position_embeddings: positions before it always get the configured base; positions past
+    it (a request longer than the context) get the base rescaled for the request's length, as
+    transformers' LlamaDynamicNTKScalingRotaryEmbedding with the configured factor (1 for InternLM).
+    Linear scaling divides every position by the factor.
     """
     dim = cfg.head_dim
 
@@ -44,10 +47,13 @@ def rope_tables(cfg: ModelConfig, length: int, device=None) -> tuple[torch.Tenso
         return torch.cat((freqs, freqs), dim=-1)
 
     positions = torch.arange(length, device=device, dtype=torch.float32)
+    if cfg.rope_scaling == "linear":
+        positions = positions / cfg.rope_factor
     emb = table(cfg.rope_theta, positions)
     limit = cfg.max_position_embeddings
     if cfg.rope_dynamic and length > limit:
-        scaled = cfg.rope_theta * (length / limit) ** (dim / (dim - 2))
+        f = cfg.rope_factor
+        scaled = cfg.rope_theta * (f * length / limit - (f - 1)) ** (dim / (dim - 2))
         emb[limit:] = table(scaled, positions[limit:])
     return emb.cos(), emb.sin()
 
@@ -59,7 +65,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values [batch, local_heads, max_seq, head_dim], written in place."""
+    """Preallocated keys and values [batch, local kv heads, max_seq, head_dim], written in place."""
 
     def __init__(self, batch: int, heads: int, max_seq: int, head_dim: int, dtype: torch.dtype, device=None):
         super().__init__()
@@ -78,20 +84,26 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, world_size: int, dtype: torch.dtype, device=None, int8: bool = False):
         super().__init__()
         self.local_heads = cfg.num_attention_heads // world_size
+        self.local_kv_heads = cfg.local_kv_heads(world_size)
         self.head_dim = cfg.head_dim
-        h = cfg.hidden_size
-        self.qkv_proj = ColumnParallelLinear(h, 3 * h, world_size, cfg.bias, dtype, device, quantized=int8)
-        self.o_proj = RowParallelLinear(h, h, world_size, cfg.bias, dtype, device, quantized=int8)
+        h, hd = cfg.hidden_size, cfg.head_dim
+        rows = (self.local_heads + 2 * self.local_kv_heads) * hd  # this rank's q, k, v rows
+        self.qkv_proj = ColumnParallelLinear(h, rows * world_size, world_size, cfg.bias, dtype, device, quantized=int8)
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * hd, h, world_size, cfg.bias, dtype, device,
+                                        quantized=int8)
         self.cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask, start: int):
         b, t, _ = x.shape
-        q, k, v = self.qkv_proj(x).view(b, t, 3, self.local_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv_proj(x).view(b, t, self.local_heads + 2 * self.local_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = qkv.split([self.local_heads, self.local_kv_heads, self.local_kv_heads], dim=1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = self.cache.update(start, k, v)
         # mask None: no padding in the batch, so plain causal attention (SDPA's faster path).
+        # Grouped-query attention: SDPA maps query heads onto their kv head, the cache is not copied.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
-                                           scale=1.0 / math.sqrt(self.head_dim))
+                                           scale=1.0 / math.sqrt(self.head_dim),
+                                           enable_gqa=self.local_kv_heads != self.local_heads)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.local_heads * self.head_dim))
 
 
@@ -149,9 +161,14 @@ class InternLM(nn.Module):
         self.quantize, self.quantize_lm_head = quantize, quantize == "int8" and quantize_lm_head
         self.quantize_embedding = quantize == "int8" and quantize_embedding
         int8 = quantize == "int8"
+        if cfg.tie_word_embeddings:  # one tensor is both: quantized as the embedding is
+            self.quantize_lm_head = self.quantize_embedding
         self.model = Backbone(cfg, rank, world_size, dtype, device, int8, self.quantize_embedding)
         self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.padded_vocab_size(world_size), cfg.vocab_size,
                                       world_size, dtype, device, quantized=self.quantize_lm_head)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+            self.lm_head.weight_scale = self.model.embed_tokens.weight_scale
         self.max_seq, self.rope_len = 0, 0
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
@@ -174,7 +191,9 @@ class InternLM(nn.Module):
 
     def decode_weight_bytes(self, batch: int) -> int:
         """Bytes of this rank's weights one decode step reads: every matrix once, and of the
-        embedding only the `batch` rows looked up."""
+        embedding only the `batch` rows looked up (all of it when it is also the LM head)."""
+        if self.cfg.tie_word_embeddings:
+            return self.weight_bytes()
         emb = self.model.embed_tokens
         table = sum(p.numel() * p.element_size() for p in emb.parameters())
         return self.weight_bytes() - table + batch * table // emb.weight.shape[0]
@@ -191,7 +210,7 @@ class InternLM(nn.Module):
                     and max_seq != self.rope_len:
                 self._set_rope(max_seq)  # past the context the tables depend on the request's length
             return
-        heads = self.cfg.num_attention_heads // self.world_size
+        heads = self.cfg.local_kv_heads(self.world_size)
         for layer in self.model.layers:
             layer.self_attn.cache = None  # free the old cache before allocating the new one
         for layer in self.model.layers:

@@ -20,9 +20,12 @@ from tp.routing import int8_route
 log = logging.getLogger("internlm_tp")
 
 QUANTIZE_CHOICES = ("none", "int8")
-_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
-_LM_HEAD = "lm_head.weight"
-_EMBEDDING = "model.embed_tokens.weight"  # per-row int8 too: a lookup reads one row and its scale
+# Every layout's linear weights (InternLM2's packed wqkv rows are still rows: per-row scales travel
+# with them through the cut and the unpacking).
+_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj"
+                     r"|attention\.(wqkv|wo)|feed_forward\.w[123])\.weight$")
+_LM_HEAD = ("lm_head.weight", "output.weight")
+_EMBEDDING = ("model.embed_tokens.weight", "model.tok_embeddings.weight")  # a lookup reads one row and its scale
 
 
 def check_choice(quantize: str) -> None:
@@ -32,8 +35,8 @@ def check_choice(quantize: str) -> None:
 
 def is_quantized(name: str, quantize: str, lm_head: bool = True, embedding: bool = True) -> bool:
     """Whether source weight `name` is stored as int8 + scales under this setting."""
-    return quantize == "int8" and (bool(_LINEAR.match(name)) or (embedding and name == _EMBEDDING)
-                                   or (lm_head and name == _LM_HEAD))
+    return quantize == "int8" and (bool(_LINEAR.match(name)) or (embedding and name in _EMBEDDING)
+                                   or (lm_head and name in _LM_HEAD))
 
 
 def scale_name(name: str) -> str:

@@ -1,31 +1,90 @@
-"""The checkpoint's sentencepiece `tokenizer.model` with InternLM's conventions, no remote code.
+"""The checkpoint's own tokenizer, no remote code: a sentencepiece `tokenizer.model` (InternLM,
+InternLM2, LLaMA) or a `tokenizers` `tokenizer.json` (LLaMA-layout checkpoints saved by transformers).
 
-unk 0, bos 1, eos 2; encoding prepends BOS and appends no EOS (as InternLMTokenizer does).
+BOS as the tokenizer's configuration says: `tokenizer_config.json`'s `add_bos_token` when present
+(InternLM's sentencepiece convention, BOS prepended, no EOS appended, is the default), else the
+tokenizer.json's own post-processor. Special tokens are dropped when decoding.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
-
-import sentencepiece as spm
 
 
 class Tokenizer:
     def __init__(self, checkpoint_dir: str | Path):
-        path = Path(checkpoint_dir) / "tokenizer.model"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: sentencepiece tokenizer not found")
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
-        self.bos_id = self.sp.bos_id()
-        self.eos_id = self.sp.eos_id()
-        self.vocab_size = self.sp.vocab_size()
+        root = Path(checkpoint_dir)
+        settings = _settings(root / "tokenizer_config.json")
+        if (root / "tokenizer.model").is_file():
+            self._backend = _SentencePiece(root / "tokenizer.model")
+        elif (root / "tokenizer.json").is_file():
+            self._backend = _TokenizersJson(root / "tokenizer.json", settings)
+        else:
+            raise FileNotFoundError(f"{root}: no tokenizer (tokenizer.model or tokenizer.json)")
+        self.bos_id, self.eos_id = self._backend.bos_id, self._backend.eos_id
+        self.vocab_size = self._backend.vocab_size
+        add_bos = settings.get("add_bos_token")
+        self._add_bos = add_bos if isinstance(add_bos, bool) else None  # None: the backend's own rule
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
+        return self._backend.encode(text, bos and self._add_bos is not False, self._add_bos is None)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._backend.decode(ids)
+
+    def piece_id(self, piece: str) -> int | None:
+        """Id of an exact vocabulary piece, None when the vocabulary lacks it."""
+        return self._backend.piece_id(piece)
+
+
+def _settings(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    return raw if isinstance(raw, dict) else {}
+
+
+class _SentencePiece:
+    def __init__(self, path: Path):
+        import sentencepiece as spm
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.bos_id, self.eos_id, self.vocab_size = self.sp.bos_id(), self.sp.eos_id(), self.sp.vocab_size()
+
+    def encode(self, text: str, bos: bool, backend_rule: bool) -> list[int]:
         return ([self.bos_id] if bos else []) + self.sp.encode(text)
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode([i for i in ids if i not in (self.bos_id, self.eos_id)])
 
     def piece_id(self, piece: str) -> int | None:
-        """Id of an exact vocabulary piece, None when the vocabulary lacks it."""
         idx = self.sp.piece_to_id(piece)
         return None if idx == self.sp.unk_id() and piece != self.sp.id_to_piece(idx) else idx
+
+
+class _TokenizersJson:
+    def __init__(self, path: Path, settings: dict):
+        from tokenizers import Tokenizer as HFTokenizer
+        self.tok = HFTokenizer.from_file(str(path))
+
+        def special(key: str, default: str) -> int | None:
+            value = settings.get(key, default)
+            value = value.get("content") if isinstance(value, dict) else value
+            return self.tok.token_to_id(value) if isinstance(value, str) else None
+        self.bos_id, self.eos_id = special("bos_token", "<s>"), special("eos_token", "</s>")
+        self.vocab_size = self.tok.get_vocab_size()
+
+    def encode(self, text: str, bos: bool, backend_rule: bool) -> list[int]:
+        if backend_rule:  # no add_bos_token setting: the post-processor adds what it adds
+            ids = self.tok.encode(text, add_special_tokens=True).ids
+            return ids if bos or not ids or ids[0] != self.bos_id else ids[1:]
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if bos and self.bos_id is not None else []) + ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def piece_id(self, piece: str) -> int | None:
+        return self.tok.token_to_id(piece)
