@@ -219,3 +219,23 @@ def test_build_waits_for_a_live_build_and_clears_a_dead_ones_lock(tmp_path):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0 and out.strip() == f"internlm_tp_{HOST_ISA}.gemv", err
     assert "left by a build that did not finish" in err and not (directory / "lock").exists()
+
+
+def test_prefill_compute_dtype_is_measured_and_used(monkeypatch):
+    """bfloat16 prefill GEMMs run in float32 on weight blocks where that is faster here (CPUs without
+    bfloat16 dot products), else natively; the result is the same product either way."""
+    from tp.layers import ColumnParallelLinear
+    layers = [ColumnParallelLinear(64, 32, 1, True, torch.bfloat16) for _ in range(2)]
+    for layer in layers:
+        torch.nn.init.normal_(layer.weight)
+        torch.nn.init.normal_(layer.bias)
+    assert decode_matmul.choose_prefill(layers, torch.bfloat16) is None, "cache-resident: not timed"
+    monkeypatch.setattr(decode_matmul, "MIN_MEASURED_BYTES", 0)
+    assert decode_matmul.choose_prefill(layers, torch.float32) is None, "float32 activations: nothing to choose"
+    clock = iter([0.0, 1.0, 0.0, 1.0, 0.0, 0.1, 0.0, 0.1] * 2)  # native 1 s, float32 0.1 s
+    monkeypatch.setattr(decode_matmul.time, "perf_counter", lambda: next(clock))
+    assert decode_matmul.choose_prefill(layers, torch.bfloat16) == torch.float32
+    assert all(m.prefill_compute == torch.float32 for m in layers)
+    x = torch.randn(1, 40, 64).to(torch.bfloat16)  # 40 rows: past MAX_ROWS, a prefill
+    exact = x.double() @ layers[0].weight.double().t() + layers[0].bias.double()
+    assert torch.allclose(layers[0](x).double(), exact, rtol=2e-2, atol=2e-2 * exact.abs().max().item())

@@ -1,4 +1,5 @@
-"""Which kernel multiplies a few rows of activations (decode) by each weight matrix, chosen on this host.
+"""Which kernel multiplies activations by each weight matrix on this CPU, chosen on this host: a few
+rows (decode) per weight shape, and the dtype prefill GEMMs compute in.
 
 Batch-1 decode reads every weight once per step, so the best path is whichever streams memory fastest
 here, and that differs between CPUs: torch.mv beat F.linear for bfloat16 by 20% on an Intel host and
@@ -18,6 +19,11 @@ Paths (up to cpu_kernels.MAX_ROWS rows of activations; more rows always take tor
   int8pack  torch._weight_int8pack_mm: bfloat16 activations and K % 16 == 0 only (it rounds
             activations to bfloat16 and reads past shorter rows)
   dequant   tp.quant.dequantized_linear (int8 weights converted block by block)
+
+Prefill (more rows): with bfloat16 activations, the GEMM runs either natively in bfloat16 or on
+weight blocks converted to float32 (tp.quant.dequantized_linear). A CPU without bfloat16 dot products
+(AVX512_BF16, AMX) runs the latter ~7x faster; one with them, the former. `choose_prefill` times both
+on the model's largest weight at PREFILL_ROWS rows and keeps the faster, under the same MARGIN rule.
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ log = logging.getLogger("internlm_tp")
 CHOOSE_BYTES = 64 << 20  # weights timed per shape and path: past the last-level cache of most hosts
 MIN_MEASURED_BYTES = 16 << 20
 MARGIN = 1.1
+PREFILL_ROWS = 64
 _PASSES = 3
 
 
@@ -68,14 +75,16 @@ def run(path: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | 
     return y if bias is None else y.add_(bias)
 
 
-def _sample(weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """About CHOOSE_BYTES of the given matrices (whole ones, the last cut to rows), to stream through."""
+def _sample(weights: list[tuple[torch.Tensor, torch.Tensor | None]],
+            budget: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """About `budget` (CHOOSE_BYTES) of the given matrices (whole ones, the last cut to rows)."""
+    budget = budget or CHOOSE_BYTES
     taken, total = [], 0
     for w, s in weights:
-        rows = min(w.shape[0], max(1, (CHOOSE_BYTES - total) // max(1, w.shape[1] * w.element_size())))
+        rows = min(w.shape[0], max(1, (budget - total) // max(1, w.shape[1] * w.element_size())))
         taken.append((w[:rows], None if s is None else s[:rows]))
         total += rows * w.shape[1] * w.element_size()
-        if total >= CHOOSE_BYTES:
+        if total >= budget:
             break
     return taken
 
@@ -120,3 +129,40 @@ def choose(modules: list, x_dtype: torch.dtype) -> dict[tuple, str]:
     if report:
         log.info("decode matmuls on %d threads, measured here: %s", torch.get_num_threads(), "; ".join(report))
     return chosen
+
+
+def _prefill(w: torch.Tensor, scale: torch.Tensor | None, x: torch.Tensor, compute: torch.dtype | None) -> torch.Tensor:
+    if w.dtype == torch.int8 or compute is not None:
+        return dequantized_linear(x, w, scale, compute)
+    return F.linear(x, w)
+
+
+@torch.inference_mode()
+def choose_prefill(modules: list, x_dtype: torch.dtype) -> torch.dtype | None:
+    """Set `prefill_compute` on every module: float32 where it is MARGIN faster than computing in
+    `x_dtype` on this host (bfloat16 and float16 activations only), else None (x's dtype)."""
+    if x_dtype == torch.float32 or not modules:
+        return None
+    largest = max(modules, key=lambda m: m.weight.numel() * m.weight.element_size())
+    if largest.weight.numel() * largest.weight.element_size() < MIN_MEASURED_BYTES:
+        return None
+    (w, scale), = _sample([(largest.weight, largest.weight_scale)], MIN_MEASURED_BYTES)
+    x = torch.randn(PREFILL_ROWS, w.shape[1]).to(x_dtype)
+    seconds = {}
+    for compute in (None, torch.float32):
+        _prefill(w, scale, x, compute)
+        seconds[compute] = min(_timed(lambda: _prefill(w, scale, x, compute)) for _ in range(2))
+    chosen = torch.float32 if seconds[None] > MARGIN * seconds[torch.float32] else None
+    for m in modules:
+        m.prefill_compute = chosen
+    log.info("prefill GEMMs (%d rows x %dx%d %s weights, measured here): %s %.1f ms, float32 %.1f ms -> %s",
+             PREFILL_ROWS, *w.shape, str(largest.weight.dtype).removeprefix("torch."),
+             str(x_dtype).removeprefix("torch."), seconds[None] * 1e3, seconds[torch.float32] * 1e3,
+             "float32" if chosen else str(x_dtype).removeprefix("torch."))
+    return chosen
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0

@@ -13,7 +13,7 @@ from torch import nn
 
 from tp import comm, decode_matmul
 from tp.cpu_kernels import MAX_ROWS
-from tp.quant import int8_linear
+from tp.quant import dequantized_linear, int8_linear
 from tp.routing import matmul_route
 
 
@@ -30,6 +30,7 @@ class _Weight(nn.Module):
     first candidate); more rows (prefill) through torch's GEMM."""
 
     decode_path: str | None = None
+    prefill_compute: torch.dtype | None = None  # float32: prefill GEMMs on weights converted to it
 
     def _make_weight(self, rows: int, cols: int, quantized: bool, dtype: torch.dtype, device) -> None:
         self.quantized, self.dtype = quantized, dtype
@@ -44,9 +45,12 @@ class _Weight(nn.Module):
                 self.decode_path = decode_matmul.candidates(self.weight, x.dtype)[0]
             y = decode_matmul.run(self.decode_path, x.reshape(rows, k), self.weight, self.weight_scale, bias)
             return y.view(*lead, self.weight.shape[0])
-        if not self.quantized:
+        if not self.quantized and self.prefill_compute is None:
             return F.linear(x, self.weight, bias)
-        y = int8_linear(x, self.weight, self.weight_scale)
+        if self.quantized:
+            y = int8_linear(x, self.weight, self.weight_scale, self.prefill_compute)
+        else:
+            y = dequantized_linear(x, self.weight, None, self.prefill_compute)
         return y if bias is None else y.add_(bias)
 
 

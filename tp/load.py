@@ -150,4 +150,5 @@ def load_model(path: str | Path, rank: int = 0, world_size: int = 1, device: tor
     fill(model, local, expected)
     if device.type == "cpu":  # measured now, not inside the first timed step
         decode_matmul.choose(model.matmul_modules(), model.dtype)
+        decode_matmul.choose_prefill(model.matmul_modules(), model.dtype)
     return model.eval()

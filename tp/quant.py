@@ -65,24 +65,30 @@ def _scratch_rows(rows: int, cols: int, dtype: torch.dtype, device: torch.device
     return buf[: rows * cols].view(rows, cols)
 
 
-def dequantized_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x @ (q * scale[:, None]).T through the float GEMM of x's dtype, a block of weight rows at a
-    time converted into reused scratch (bounded memory, and the block is still in cache for the
-    GEMM), then the per-row scales applied to the result in x's dtype (mixed-dtype multiplies take
-    a slow path on the CPU: 8x)."""
-    block = max(1, _DEQUANT_BLOCK_BYTES // max(1, q.shape[1] * x.element_size()))
+def dequantized_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None,
+                       compute: torch.dtype | None = None) -> torch.Tensor:
+    """x @ (q * scale[:, None]).T through the float GEMM of `compute` (default x's dtype), a block of
+    weight rows at a time converted into reused scratch (bounded memory, and the block is still in
+    cache for the GEMM), then the per-row scales applied to the result in its dtype (mixed-dtype
+    multiplies take a slow path on the CPU: 8x). `q` may be int8 or a float dtype (scale None): on a
+    CPU without native bfloat16 GEMMs, bfloat16 weights through a float32 GEMM are ~7x faster."""
+    compute = compute or x.dtype
+    xc = x.to(compute)
+    block = max(1, _DEQUANT_BLOCK_BYTES // max(1, q.shape[1] * xc.element_size()))
     parts = []
     for i in range(0, q.shape[0], block):
         rows = q[i:i + block]
-        parts.append(F.linear(x, _scratch_rows(*rows.shape, x.dtype, x.device).copy_(rows)))
+        parts.append(F.linear(xc, _scratch_rows(*rows.shape, compute, x.device).copy_(rows)))
     y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-    return y.mul_(scale.to(y.dtype))
+    if scale is not None:
+        y = y.mul_(scale.to(y.dtype))
+    return y.to(x.dtype)
 
 
 _told: set[str] = set()
 
 
-def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, compute: torch.dtype | None = None) -> torch.Tensor:
     """x @ (q * scale[:, None]).T without materialising the whole float weight; `scale` is float32.
 
     For prefill-sized inputs (a few rows of x on the CPU go through tp.decode_matmul's choice instead):
@@ -101,4 +107,4 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     if why and why not in _told:
         _told.add(why)
         log.info("int8 on %s: %s; dequantizing instead", x.device.type, why)
-    return dequantized_linear(x, q, scale)
+    return dequantized_linear(x, q, scale, compute)
