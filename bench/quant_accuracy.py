@@ -62,7 +62,7 @@ def main() -> None:
             shots = ceval.load_split(data, s, "dev")
             for q in ceval.load_split(data, s, "val"):
                 questions.append(q)
-                prompts.append(encode_prompt(tok, "official", mapping, shots, q, 2048))
+                prompts.append(encode_prompt(tok, "official", mapping, shots, q, 2048)[0])
         logits = {}
         for label, (dtype, quantize) in VARIANTS.items():
             model = load_model(ckpt, dtype=dtype, quantize=quantize)

@@ -19,16 +19,17 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from launch.session import Session, UserError
-from launch.tasks import batches, positive_int
+from launch.tasks import positive_int
 from tp import ceval
 from tp.demo_data import is_demo_set
-from tp.generate import generate, next_token_logits
+from tp.generate import compute_prefix, generate, next_token_logits, shared_prefix
 from tp.partition import model_files_dir
 
 log = logging.getLogger("internlm_tp")
 
 ATB_MAX_PROMPT_TOKENS = 2000
 ATB_NEW_TOKENS = 32
+MIN_PREFIX_TOKENS = 16  # a shorter shared prefix is not worth its own pass
 HUB_DATASET = "ceval/ceval-exam"
 DATA_ENV = "INTERNLM_TP_CEVAL_DIR"
 
@@ -142,20 +143,40 @@ def run(cfg: DictConfig, session: Session, out_dir: Path) -> None:
         log.info("resuming: %d answered questions read from the cache, %d to ask", len(done), len(pending))
 
     context = model.cfg.max_position_embeddings
+    reuse = bool(task.get("prefix_cache", True))
+    tokens = {"through": 0, "whole": 0}
     bar = tqdm(total=len(pending), unit="q", desc=f"C-Eval {protocol}", disable=not session.dist.is_main)
-    for batch in batches(pending, batch_size):
-        prompts = [encode_prompt(tok, protocol, mapping, dev[q.subject], q, context) for q in batch]
-        if protocol == "official":
-            logits = next_token_logits(model, prompts)[:, letter_ids]
-            predictions = [ceval.CHOICES[i] for i in logits.argmax(dim=-1).tolist()]
-        else:
-            result = generate(model, prompts, ATB_NEW_TOKENS, model.cfg.stop_ids)
-            predictions = [ceval.first_letter(tok.decode(ids)) or "-1" for ids in result.tokens]
-        if session.dist.is_main:
-            cache.append([{"subject": q.subject, "id": q.id, "answer": q.answer, "prediction": p,
-                           "correct": p == q.answer} for q, p in zip(batch, predictions)])
-        bar.update(len(batch))
+    for subject in subjects:
+        todo = [q for q in questions[subject] if (q.subject, q.id) not in done]
+        if not todo:
+            continue
+        encoded = {q.id: encode_prompt(tok, protocol, mapping, dev[subject], q, context) for q in questions[subject]}
+        # The subject's shared prefix (header + shots) over every question that kept all its shots,
+        # all of them, answered or not, so a resumed run splits prompts as an uninterrupted one.
+        full = [ids for ids, used in encoded.values() if used == len(dev[subject])]
+        P = shared_prefix(full, MIN_PREFIX_TOKENS) if reuse else 0
+        prefix = compute_prefix(model, full[0][:P]) if P else None
+        if prefix:
+            tokens["through"] += P
+        for batch in subject_batches(todo, batch_size, lambda q: bool(P) and encoded[q.id][1] == len(dev[subject])):
+            shared = prefix if P and encoded[batch[0].id][1] == len(dev[subject]) else None
+            prompts = [encoded[q.id][0][P:] if shared else encoded[q.id][0] for q in batch]
+            tokens["whole"] += sum(len(encoded[q.id][0]) for q in batch)
+            tokens["through"] += sum(len(p) for p in prompts)
+            if protocol == "official":
+                logits = next_token_logits(model, prompts, prefix=shared)[:, letter_ids]
+                predictions = [ceval.CHOICES[i] for i in logits.argmax(dim=-1).tolist()]
+            else:
+                result = generate(model, prompts, ATB_NEW_TOKENS, model.cfg.stop_ids, prefix=shared)
+                predictions = [ceval.first_letter(tok.decode(ids)) or "-1" for ids in result.tokens]
+            if session.dist.is_main:
+                cache.append([{"subject": q.subject, "id": q.id, "answer": q.answer, "prediction": p,
+                               "correct": p == q.answer} for q, p in zip(batch, predictions)])
+            bar.update(len(batch))
     bar.close()
+    if session.dist.is_main and tokens["whole"]:
+        log.info("prompt tokens through the layers: %d with prefix reuse %s, %d without (%.2fx fewer)",
+                 tokens["through"], "on" if reuse else "off", tokens["whole"], tokens["whole"] / tokens["through"])
 
     if session.dist.is_main:
         rows = [r for r in cache.rows() if r["subject"] in questions]
@@ -182,8 +203,20 @@ def answer_ids(tok, prompt: str) -> list[int | None]:
     return ids
 
 
-def encode_prompt(tok, protocol: str, mapping, shots: list, question, context: int) -> list[int]:
-    """Token ids of the question's prompt, shots dropped from the end until it fits."""
+def subject_batches(todo: list, size: int, with_prefix) -> list[list]:
+    """Batches of at most `size` questions in file order, each all with the shared prefix or all without
+    (questions whose shots had to be dropped have their own prompt from the start)."""
+    out: list[list] = []
+    for q in todo:
+        if out and len(out[-1]) < size and with_prefix(out[-1][0]) == with_prefix(q):
+            out[-1].append(q)
+        else:
+            out.append([q])
+    return out
+
+
+def encode_prompt(tok, protocol: str, mapping, shots: list, question, context: int) -> tuple[list[int], int]:
+    """(token ids of the question's prompt, shots it kept): shots dropped from the end until it fits."""
     if protocol == "official":
         info = mapping[question.subject]
 
@@ -199,10 +232,10 @@ def encode_prompt(tok, protocol: str, mapping, shots: list, question, context: i
         def fits(text):
             n = len(tok.encode(text))
             return n <= ATB_MAX_PROMPT_TOKENS and n + ATB_NEW_TOKENS <= context
-    text, _ = ceval.fit_prompt(make, shots, fits)
+    text, used = ceval.fit_prompt(make, shots, fits)
     ids = tok.encode(text)
     limit = context - (ATB_NEW_TOKENS if protocol == "atb" else 0)
     if len(ids) > limit:  # even with no shot: keep the end, where the question and "答案：" are
         ids = ids[:1] + ids[len(ids) - limit + 1:]
-    return ids
+    return ids, used
 

@@ -52,22 +52,48 @@ def choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-def prefill_inputs(prompts: list[list[int]], pad_id: int, capacity: int, device):
-    """Left-padded ids [B, L], key validity [B, capacity], rotary positions [B, L], mask [B, 1, L, L]
-    (None when no prompt is padded: SDPA's causal fast path, in prefill and decode alike)."""
+@dataclass
+class Prefix:
+    """A prompt prefix shared by several prompts (C-Eval's header and shots, a system prompt), run
+    through the model once: its ids and every layer's keys and values [1, kv heads, len, head_dim]."""
+    ids: list[int]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+@torch.inference_mode()
+def compute_prefix(model: InternLM, ids: list[int]) -> Prefix:
+    """Run `ids` once (batch 1) and keep its KV cache, to be copied under each prompt that follows it."""
+    if not ids:
+        raise ValueError("an empty prefix")
+    model.setup_cache(1, len(ids))
+    positions = torch.arange(len(ids), device=model.device).unsqueeze(0)
+    model(torch.tensor([ids], device=model.device), positions, None, 0)
+    keys, values = model.cache_prefix(len(ids))
+    return Prefix(list(ids), keys, values)
+
+
+def prefill_inputs(prompts: list[list[int]], pad_id: int, capacity: int, device, prefix_len: int = 0):
+    """Left-padded ids [B, L], key validity [B, capacity], rotary positions [B, L], mask
+    [B, 1, L, prefix_len + L] (None when no prompt is padded and there is no prefix: SDPA's causal
+    fast path, in prefill and decode alike). With a prefix, cache slots [0, prefix_len) hold it and the
+    prompts (padded on the left, after it) continue its positions."""
+    P = prefix_len
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     width = max(len(p) for p in prompts)  # from the host's list: no device read
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
     valid = torch.zeros(len(prompts), capacity, dtype=torch.bool, device=device)
+    valid[:, :P] = True
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt):] = torch.tensor(prompt, device=device)
-        valid[row, width - len(prompt):width] = True
-    positions = (valid[:, :width].cumsum(-1) - 1).clamp(min=0)
-    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-    # A padding query attends to itself only: never a fully masked row, whose NaNs would reach the
-    # cache and poison real rows through 0 * NaN.
-    mask = (causal & valid[:, None, None, :width]) | torch.eye(width, dtype=torch.bool, device=device)
-    padded = any(len(p) != width for p in prompts)
+        valid[row, P + width - len(prompt):P + width] = True
+    positions = (valid[:, :P + width].cumsum(-1) - 1).clamp(min=0)[:, P:]
+    # Query i sits at slot P + i and sees keys up to it. A padding query attends to itself only: never a
+    # fully masked row, whose NaNs would reach the cache and poison real rows through 0 * NaN.
+    causal = torch.ones(width, P + width, dtype=torch.bool, device=device).tril(diagonal=P)
+    itself = torch.arange(P + width, device=device)[None, :] == torch.arange(width, device=device)[:, None] + P
+    mask = (causal & valid[:, None, None, :P + width]) | itself
+    padded = P > 0 or any(len(p) != width for p in prompts)
     return ids, valid, positions, mask if padded else None, lengths
 
 
@@ -86,7 +112,7 @@ def all_finished(finished: torch.Tensor) -> bool:
 @torch.inference_mode()
 def generate(model: InternLM, prompts: list[list[int]], max_new_tokens: int, eos_id: int | Sequence[int],
              pad_id: int = 0, sampling: Sampling = Sampling(), generator: torch.Generator | None = None,
-             profile: bool = False) -> Generation:
+             profile: bool = False, prefix: Prefix | None = None) -> Generation:
     """Generate up to max_new_tokens per prompt, a sequence ending at any id of `eos_id` (an id or a
     list: chat models end turns with a second EOS); eos_id=-1 never stops early (benchmarks).
 
@@ -94,6 +120,9 @@ def generate(model: InternLM, prompts: list[list[int]], max_new_tokens: int, eos
     every sequence has ended is looked at every `eos_check_interval` steps (never with eos_id=-1), so
     on an accelerator the host queues step n+1 while step n runs. Unless profiling, the only waits
     are the clock reads around the first token and the final copy of the tokens.
+
+    prefix: a Prefix every prompt continues (prompts are then what follows it); its keys and values
+    are copied under each row instead of being computed again.
     """
     if not prompts or max_new_tokens < 1:
         raise ValueError("generate needs at least one prompt and max_new_tokens >= 1")
@@ -101,10 +130,13 @@ def generate(model: InternLM, prompts: list[list[int]], max_new_tokens: int, eos
         raise ValueError("empty prompt: every prompt needs at least one token (BOS)")
     stops = [e for e in ([eos_id] if isinstance(eos_id, int) else list(eos_id)) if e >= 0]
     device = model.device
+    P = len(prefix.ids) if prefix else 0
     width = max(len(p) for p in prompts)
-    capacity = width + max_new_tokens
+    capacity = P + width + max_new_tokens
     model.setup_cache(len(prompts), capacity)
-    ids, valid, positions, mask, lengths = prefill_inputs(prompts, pad_id, capacity, device)
+    if prefix:
+        model.load_prefix(prefix.keys, prefix.values)
+    ids, valid, positions, mask, lengths = prefill_inputs(prompts, pad_id, capacity, device, P)
     broadcast = sampling.temperature > 0 and dist.is_initialized() and dist.get_world_size() > 1
 
     def pick(logits):
@@ -115,7 +147,7 @@ def generate(model: InternLM, prompts: list[list[int]], max_new_tokens: int, eos
 
     synchronize(device)
     t0 = time.perf_counter()
-    token = pick(model(ids, positions, mask, 0))
+    token = pick(model(ids, positions, mask, P))
     synchronize(device)
     first_ms = (time.perf_counter() - t0) * 1e3
 
@@ -135,9 +167,9 @@ def generate(model: InternLM, prompts: list[list[int]], max_new_tokens: int, eos
         if stops and (step - 1) % check_every == 0 and all_finished(finished):
             break
         ta = clock()
-        slot = width + step - 1
+        slot = P + width + step - 1
         valid[:, slot] = True
-        pos = (lengths + step - 1).unsqueeze(1)
+        pos = (lengths + P + step - 1).unsqueeze(1)
         tb = clock()
         logits = model(token.unsqueeze(1), pos, None if mask is None else valid[:, None, None, : slot + 1], slot)
         tc = clock()
@@ -157,9 +189,25 @@ def generate(model: InternLM, prompts: list[list[int]], max_new_tokens: int, eos
 
 
 @torch.inference_mode()
-def next_token_logits(model: InternLM, prompts: list[list[int]], pad_id: int = 0) -> torch.Tensor:
-    """Float32 logits [B, vocab] of the token after each (left-padded) prompt: one prefill, no decode."""
+def next_token_logits(model: InternLM, prompts: list[list[int]], pad_id: int = 0,
+                      prefix: Prefix | None = None) -> torch.Tensor:
+    """Float32 logits [B, vocab] of the token after each (left-padded) prompt: one prefill, no decode.
+    With a prefix, the prompts are what follows it."""
+    P = len(prefix.ids) if prefix else 0
     width = max(len(p) for p in prompts)
-    model.setup_cache(len(prompts), width)
-    ids, _, positions, mask, _ = prefill_inputs(prompts, pad_id, width, model.device)
-    return model(ids, positions, mask, 0)[:, -1].float()
+    model.setup_cache(len(prompts), P + width)
+    if prefix:
+        model.load_prefix(prefix.keys, prefix.values)
+    ids, _, positions, mask, _ = prefill_inputs(prompts, pad_id, P + width, model.device, P)
+    return model(ids, positions, mask, P)[:, -1].float()
+
+
+def shared_prefix(prompts: list[list[int]], minimum: int = 1) -> int:
+    """Length of the longest common prefix of token lists, leaving every prompt at least one token of
+    its own (0 when shorter than `minimum`: not worth a separate pass)."""
+    if not prompts:
+        return 0
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        n = next((i for i in range(n) if p[i] != first[i]), n)
+    return n if n >= minimum else 0

@@ -218,6 +218,17 @@ class InternLM(nn.Module):
         self.max_seq = max_seq
         self._set_rope(max_seq)
 
+    def cache_prefix(self, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Copies of the first `length` slots of row 0 of every layer's keys and values."""
+        caches = [layer.self_attn.cache for layer in self.model.layers]
+        return [c.k[:1, :, :length].clone() for c in caches], [c.v[:1, :, :length].clone() for c in caches]
+
+    def load_prefix(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Write a prefix's keys and values into slots [0, len) of every row of the cache."""
+        for layer, k, v in zip(self.model.layers, keys, values):
+            layer.self_attn.cache.k[:, :, :k.shape[2]] = k
+            layer.self_attn.cache.v[:, :, :v.shape[2]] = v
+
     def _set_rope(self, length: int) -> None:
         cos, sin = rope_tables(self.cfg, length, self.device)
         self.rope_cos, self.rope_sin, self.rope_len = cos.to(self.dtype), sin.to(self.dtype), length
