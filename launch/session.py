@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -68,9 +69,13 @@ class Session:
         if key not in self.models:
             self.models.clear()  # one model resident at a time
             try:
-                tokenizer = Tokenizer(model_files_dir(path, self.dist.rank))  # before any weight is read
+                files = model_files_dir(path, self.dist.rank)
+                # The tokenizer before any weight is read; a missing directory, config or a cut for another
+                # world size is load_model's to name.
+                tokenizer = Tokenizer(files) if (Path(files) / "config.json").is_file() else None
                 model = load_model(path, self.dist.rank, self.dist.world_size, self.dist.device, dtype,
                                    quantize, quantize_lm_head, quantize_embedding)
+                tokenizer = tokenizer or Tokenizer(files)
             except USER_ERRORS as err:
                 raise UserError(str(err)) from err
             if dist.is_initialized() and self.dist.world_size > 1:
