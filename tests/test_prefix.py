@@ -28,8 +28,8 @@ def test_prefill_inputs_after_a_prefix():
     assert valid.tolist() == [[True] * 5 + [False] * 2, [True, True, True, False, True, False, False]]
     assert mask.shape == (2, 1, 2, 5)
     assert mask[0, 0].tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
-    assert mask[1, 0].tolist() == [[False, False, False, True, False], [True, True, True, False, True]], \
-        "a padding query sees only itself; real ones the prefix and their own tokens"
+    assert mask[1, 0].tolist() == [[True, True, True, True, False], [True, True, True, False, True]], \
+        "no query sees a padding key but its own; every row sees the prefix"
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_system_prompt_in_inference_is_reused_and_changes_nothing(tiny_ckpt, tmp
     system = "你是一个乐于助人的助手。请用中文回答下面的问题，回答要简短。" * 2
     prompts = json.dumps(PROMPTS[:3], ensure_ascii=False)
     outs = {}
-    for label, extra in (("reused", [f"task.system_prompt={system}"]), ("plain", [])):
+    for label, extra in (("reused", [f"task.system_prompt='{system}'"]), ("plain", [])):
         texts = prompts if label == "reused" else json.dumps([system + p for p in PROMPTS[:3]], ensure_ascii=False)
         proc = torchrun(1, "task=inference", f"model.path={tiny_ckpt}", f"task.prompts={texts}", "task.batch_size=2",
                         "task.max_new_tokens=8", *extra, f"hydra.run.dir={tmp_path / label}")
