@@ -147,14 +147,18 @@ def test_soak_200_prompts_memory_flat(tiny_ckpt):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.sampled_from([*TINY_CONFIG, "rotary", "rope_theta"]),
+@given(st.dictionaries(st.sampled_from([*TINY_CONFIG, "rotary", "rope_theta", "rope_scaling", "num_key_value_heads",
+                                        "head_dim", "attention_bias"]),
                        st.one_of(st.none(), st.booleans(), st.integers(-5, 5000), st.floats(allow_nan=True),
                                  st.text(max_size=5), st.lists(st.integers(), max_size=2),
-                                 st.dictionaries(st.sampled_from(["base", "type"]),
-                                                 st.one_of(st.integers(), st.text(max_size=4), st.floats())))))
+                                 st.sampled_from(["llama", "internlm2", ["LlamaForCausalLM"], ["InternLM2ForCausalLM"]]),
+                                 st.dictionaries(st.sampled_from(["base", "type", "rope_type", "factor"]),
+                                                 st.one_of(st.integers(), st.text(max_size=4), st.floats(),
+                                                           st.sampled_from(["dynamic", "linear"]))))))
 def test_fuzzed_configs_load_or_fail_clearly(raw):
     try:
         cfg = ModelConfig.from_dict({**TINY_CONFIG, **raw})
     except ConfigError:
         return
-    assert cfg.hidden_size % cfg.num_attention_heads == 0 and cfg.rope_theta > 0
+    assert cfg.num_attention_heads % cfg.kv_heads == 0 and cfg.head_dim > 0 and cfg.rope_theta > 0
+    assert cfg.layout in ("internlm", "internlm2", "llama") and cfg.rope_factor > 0

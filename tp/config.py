@@ -36,8 +36,12 @@ LAYOUTS = {"internlm": ("InternLMForCausalLM", "internlm"), "internlm2": ("Inter
 
 def layout_of(raw: dict, source: str) -> str:
     """The layout the config names; a config naming neither key is InternLM's (SPEC §1)."""
-    names = [a for a in (raw.get("architectures") or []) if isinstance(a, str)]
+    names = raw.get("architectures") or []
+    if not isinstance(names, list) or not all(isinstance(a, str) for a in names):
+        raise ConfigError(f"{source}: architectures must be a list of class names, got {names!r}")
     model_type = raw.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        raise ConfigError(f"{source}: model_type must be a string, got {model_type!r}")
     for layout, (arch, mtype) in LAYOUTS.items():
         if arch in names or model_type == mtype:
             return layout
