@@ -11,6 +11,7 @@ paths (tp/decode_matmul.py chooses among what there is).
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import sys
 import warnings
@@ -26,6 +27,7 @@ _SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
 # The flags per ISA: the kernel's vector width follows them (tp/csrc/gemv.cpp).
 ISA_FLAGS = {"avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"], "avx2": ["-mavx2", "-mfma"]}
 _state: dict[str, object] = {}
+log = logging.getLogger("internlm_tp")
 
 
 def choice() -> str:
@@ -108,7 +110,9 @@ def _build():
                       "neither AVX512 nor AVX2; decode uses torch's matmuls")
         return None
     try:
-        return build(isa)
+        op = build(isa)
+        log.info("CPU kernel: %s built for %s and in use (cached in %s)", _SOURCE.name, isa, _build_directory(isa))
+        return op
     except Exception as e:  # no compiler, no ninja, a failed build: slower, but it still runs
         warnings.warn(f"CPU kernel: could not build {_SOURCE.name} ({type(e).__name__}: {e}); "
                       "decode uses torch's matmuls")

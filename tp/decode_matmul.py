@@ -128,6 +128,8 @@ def choose(modules: list, x_dtype: torch.dtype) -> dict[tuple, str]:
             m.decode_path = best
     if report:
         log.info("decode matmuls on %d threads, measured here: %s", torch.get_num_threads(), "; ".join(report))
+    elif chosen:
+        log.info("decode matmuls: %s (weights cache-resident: not timed)", ", ".join(sorted(set(chosen.values()))))
     return chosen
 
 
