@@ -144,7 +144,7 @@ def run(cfg: DictConfig, session: Session, out_dir: Path) -> None:
 
     context = model.cfg.max_position_embeddings
     reuse = bool(task.get("prefix_cache", True))
-    tokens = {"through": 0, "whole": 0}
+    tokens = {"through": 0, "whole": 0, "padded": 0}
     bar = tqdm(total=len(pending), unit="q", desc=f"C-Eval {protocol}", disable=not session.dist.is_main)
     for subject in subjects:
         todo = [q for q in questions[subject] if (q.subject, q.id) not in done]
@@ -158,11 +158,18 @@ def run(cfg: DictConfig, session: Session, out_dir: Path) -> None:
         prefix = compute_prefix(model, full[0][:P]) if P else None
         if prefix:
             tokens["through"] += P
-        for batch in subject_batches(todo, batch_size, lambda q: bool(P) and encoded[q.id][1] == len(dev[subject])):
-            shared = prefix if P and encoded[batch[0].id][1] == len(dev[subject]) else None
+            tokens["padded"] += P
+        def with_prefix(q) -> bool:
+            return bool(P) and encoded[q.id][1] == len(dev[subject])
+
+        # Shortest prompts first (stable), so a batch carries little left padding.
+        todo.sort(key=lambda q: (not with_prefix(q), len(encoded[q.id][0])))
+        for batch in subject_batches(todo, batch_size, with_prefix):
+            shared = prefix if with_prefix(batch[0]) else None
             prompts = [encoded[q.id][0][P:] if shared else encoded[q.id][0] for q in batch]
             tokens["whole"] += sum(len(encoded[q.id][0]) for q in batch)
             tokens["through"] += sum(len(p) for p in prompts)
+            tokens["padded"] += len(prompts) * max(len(p) for p in prompts)
             if protocol == "official":
                 logits = next_token_logits(model, prompts, prefix=shared)[:, letter_ids]
                 predictions = [ceval.CHOICES[i] for i in logits.argmax(dim=-1).tolist()]
@@ -175,8 +182,9 @@ def run(cfg: DictConfig, session: Session, out_dir: Path) -> None:
             bar.update(len(batch))
     bar.close()
     if session.dist.is_main and tokens["whole"]:
-        log.info("prompt tokens through the layers: %d with prefix reuse %s, %d without (%.2fx fewer)",
-                 tokens["through"], "on" if reuse else "off", tokens["whole"], tokens["whole"] / tokens["through"])
+        log.info("prompt tokens through the layers: %d with prefix reuse %s, %d without (%.2fx fewer); "
+                 "%d computed with the batches' left padding", tokens["through"], "on" if reuse else "off",
+                 tokens["whole"], tokens["whole"] / tokens["through"], tokens["padded"])
 
     if session.dist.is_main:
         rows = [r for r in cache.rows() if r["subject"] in questions]
@@ -204,8 +212,8 @@ def answer_ids(tok, prompt: str) -> list[int | None]:
 
 
 def subject_batches(todo: list, size: int, with_prefix) -> list[list]:
-    """Batches of at most `size` questions in file order, each all with the shared prefix or all without
-    (questions whose shots had to be dropped have their own prompt from the start)."""
+    """Batches of at most `size` questions in the given order, each all with the shared prefix or all
+    without (questions whose shots had to be dropped have their own prompt from the start)."""
     out: list[list] = []
     for q in todo:
         if out and len(out[-1]) < size and with_prefix(out[-1][0]) == with_prefix(q):

@@ -12,7 +12,9 @@ from launch.callbacks import MERGED_CSV, PLOT
 from launch.performance import COLUMNS, model_label
 from launch.session import Session, UserError
 from launch.tasks import run as run_task
+from launch.precision import encode_prompt
 from tp import ceval
+from tp.tokenizer import Tokenizer
 
 SUBJECT_ARG = "task.subjects=[" + ",".join(SUBJECTS) + "]"
 
@@ -36,11 +38,18 @@ def precision_tp2(cut2, ceval_dir, tmp_path_factory):
     return run_dir, proc
 
 
-def test_precision_cache_and_accuracies(precision_tp2, ceval_dir):
+def test_precision_cache_and_accuracies(precision_tp2, ceval_dir, tiny_ckpt):
     run_dir, proc = precision_tp2
     rows = read_cache(run_dir)
-    expected = [(s, q.id) for s in SUBJECTS for q in ceval.load_split(ceval_dir, s, "val")]
-    assert [(r["subject"], r["id"]) for r in rows] == expected, "one row per question, none twice"
+    files = {s: ceval.load_split(ceval_dir, s, "val") for s in SUBJECTS}
+    assert [r["subject"] for r in rows] == [s for s in SUBJECTS for _ in files[s]], "subject by subject"
+    tok, mapping = Tokenizer(tiny_ckpt), ceval.load_mapping(ceval_dir)
+    for s in SUBJECTS:
+        ids = [r["id"] for r in rows if r["subject"] == s]
+        assert sorted(ids) == sorted(q.id for q in files[s]) and len(set(ids)) == len(ids), "each question once"
+        by_id, shots = {q.id: q for q in files[s]}, ceval.load_split(ceval_dir, s, "dev")
+        lengths = [len(encode_prompt(tok, "official", mapping, shots, by_id[i], 2048)[0]) for i in ids]
+        assert lengths == sorted(lengths), "shortest prompt first within a subject (little left padding)"
     assert list(rows[0]) == ["subject", "id", "answer", "prediction", "correct"]
     assert all(r["prediction"] in "ABCD" for r in rows)
     assert all((r["prediction"] == r["answer"]) == (r["correct"] in ("1", "True")) for r in rows)
