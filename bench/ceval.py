@@ -16,6 +16,7 @@ import argparse
 import csv
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,7 @@ from tp.tokenizer import Tokenizer  # noqa: E402
 
 
 def run_task(ckpt, data, subjects, args, reuse: bool, run_dir: Path) -> tuple[float, list[dict], str]:
+    shutil.rmtree(run_dir, ignore_errors=True)  # a cache left there would be resumed, not recomputed
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", str(args.world_size),
            str(ROOT / "launch" / "run.py"), "task=precision", f"model.path={ckpt}", f"task.data_dir={data}",
            f"task.subjects=[{','.join(subjects)}]", f"task.batch_size={args.batch_size}", "dtype=float32",
@@ -93,9 +95,11 @@ def main() -> None:
           f"model {args.model}, TP={args.world_size}, batch {args.batch_size}, protocol {args.protocol}, float32")
     results = {reuse: run_task(ckpt, data, subjects, args, reuse, work / f"run-{reuse}") for reuse in (True, False)}
     for reuse, (seconds, rows, log) in results.items():
-        m = re.search(r"prompt tokens through the layers: (\d+) with prefix reuse (on|off), (\d+) without", log)
+        m = re.search(r"prompt tokens through the layers: (\d+) with prefix reuse (on|off), (\d+) without "
+                      r".*; (\d+) computed with", log)
         print(f"  prefix_cache={str(reuse).lower():5} wall {seconds:8.1f} s, {len(rows)} questions, "
-              f"prompt tokens through the layers {m.group(1) if m else '?'} (of {m.group(3) if m else '?'})")
+              f"prompt tokens through the layers {m.group(1) if m else '?'} (of {m.group(3) if m else '?'}; "
+              f"{m.group(4) if m else '?'} with left padding)")
     same = sum(a["prediction"] == b["prediction"] for a, b in zip(results[True][1], results[False][1]))
     print(f"  predictions identical: {same}/{len(results[True][1])}; "
           f"order identical: {[(r['subject'], r['id']) for r in results[True][1]] == [(r['subject'], r['id']) for r in results[False][1]]}")
