@@ -209,11 +209,6 @@ class ModelConfig:
             raise ConfigError(f"tensor parallel size {world_size} can not place num_key_value_heads={kv}: "
                               f"it must divide them (split) or be a multiple of them (replicated)")
 
-    def kv_groups(self, world_size: int) -> int:
-        """Distinct kv heads groups over the ranks: kv heads split when N divides them, else each
-        rank keeps the one its query heads use (N a multiple of them)."""
-        return min(self.kv_heads, world_size)
-
     def local_kv_heads(self, world_size: int) -> int:
         return max(1, self.kv_heads // world_size)
 
