@@ -24,7 +24,7 @@ from tp.checkpoint import CheckpointReader
 from tp.config import ModelConfig
 from tp.load import DTYPES, check_source_names
 from tp.partition import FORMAT, MANIFEST, VERSION, rank_dir
-from tp.quant import QUANTIZE_CHOICES, is_quantized, quantize_rows, scale_name
+from tp.quant import QUANTIZE_CHOICES, is_quantized, lm_head_quantized, quantize_rows, scale_name
 from tp.split import local_shape, pad_rows, shard_bounds, split_of
 
 _POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="cut")
@@ -156,7 +156,7 @@ def cut(opts: CutOptions) -> Path:
     _check_output(out, src, opts.overwrite)
 
     padded, kv = cfg.padded_vocab_size(world), cfg.kv_heads
-    quantize_lm_head = opts.quantize_embedding if cfg.tie_word_embeddings else opts.quantize_lm_head
+    quantize_lm_head = lm_head_quantized(cfg.tie_word_embeddings, opts.quantize_lm_head, opts.quantize_embedding)
 
     def quantized(name: str) -> bool:
         return is_quantized(name, opts.quantize, quantize_lm_head, opts.quantize_embedding)

@@ -11,7 +11,7 @@ from tp.checkpoint import READ_BLOCK_BYTES, CheckpointError, CheckpointReader, r
 from tp.config import ModelConfig
 from tp.model import InternLM
 from tp.partition import is_cut, open_partition
-from tp.quant import check_choice, is_quantized, quantize_rows, scale_name
+from tp.quant import check_choice, is_quantized, lm_head_quantized, quantize_rows, scale_name
 from tp.layout import lm_head_name, source_names, targets
 from tp.split import pad_rows, shard_bounds, split_of
 
@@ -120,8 +120,7 @@ def load_model(path: str | Path, rank: int = 0, world_size: int = 1, device: tor
     quantize = resolve_quantize(quantize, manifest)
     cfg = ModelConfig.load(directory)
     cfg.check_divisible(world_size)
-    if cfg.tie_word_embeddings:
-        quantize_lm_head = quantize_embedding  # one tensor
+    quantize_lm_head = lm_head_quantized(cfg.tie_word_embeddings, quantize_lm_head, quantize_embedding)
     source = CheckpointReader(directory)
     padded, kv = cfg.padded_vocab_size(world_size), cfg.kv_heads
     scales: dict[str, torch.Tensor] = {}

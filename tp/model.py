@@ -16,6 +16,7 @@ from torch import nn
 
 from tp.config import ModelConfig
 from tp.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
+from tp.quant import lm_head_quantized
 
 
 class RMSNorm(nn.Module):
@@ -158,11 +159,9 @@ class InternLM(nn.Module):
         super().__init__()
         cfg.check_divisible(world_size)
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.quantize, self.quantize_lm_head = quantize, quantize == "int8" and quantize_lm_head
-        self.quantize_embedding = quantize == "int8" and quantize_embedding
         int8 = quantize == "int8"
-        if cfg.tie_word_embeddings:  # one tensor is both: quantized as the embedding is
-            self.quantize_lm_head = self.quantize_embedding
+        self.quantize, self.quantize_embedding = quantize, int8 and quantize_embedding
+        self.quantize_lm_head = int8 and lm_head_quantized(cfg.tie_word_embeddings, quantize_lm_head, quantize_embedding)
         self.model = Backbone(cfg, rank, world_size, dtype, device, int8, self.quantize_embedding)
         self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.padded_vocab_size(world_size), cfg.vocab_size,
                                       world_size, dtype, device, quantized=self.quantize_lm_head)

@@ -39,6 +39,12 @@ def is_quantized(name: str, quantize: str, lm_head: bool = True, embedding: bool
                                    or (lm_head and name in _LM_HEAD))
 
 
+def lm_head_quantized(tied: bool, lm_head: bool, embedding: bool) -> bool:
+    """Whether the LM head is int8 (given quantize=int8): a tied head is the embedding's own tensor,
+    so it is quantized exactly when the embedding is."""
+    return embedding if tied else lm_head
+
+
 def scale_name(name: str) -> str:
     return name + "_scale"
 
