@@ -51,9 +51,15 @@ def train_tokenizer(vocab_size: int) -> bytes:
 
 
 def random_weights(cfg: dict, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """LLaMA-named random weights of `cfg`'s shape: `num_key_value_heads` kv heads, q/k/v/o biases where
+    the layout has them, InternLM's `rotary_emb.inv_freq` buffers in its layout, no LM head when tied.
+    Drawn large enough that greedy choices differ from prompt to prompt."""
     g = torch.Generator().manual_seed(seed)
     h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     heads = cfg["num_attention_heads"]
+    kv, hd = cfg.get("num_key_value_heads") or heads, cfg.get("head_dim") or h // heads
+    bias = cfg.get("attention_bias", cfg.get("bias", False))
+    shapes = {"q_proj": (heads * hd, h), "k_proj": (kv * hd, h), "v_proj": (kv * hd, h), "o_proj": (h, heads * hd)}
 
     def normal(*shape, std):
         return (torch.randn(*shape, generator=g) * std).to(dtype)
@@ -61,43 +67,17 @@ def random_weights(cfg: dict, seed: int, dtype: torch.dtype) -> dict[str, torch.
     sd = {"model.embed_tokens.weight": normal(v, h, std=1.0)}
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            sd[p + f"self_attn.{proj}.weight"] = normal(h, h, std=1 / math.sqrt(h))
-            sd[p + f"self_attn.{proj}.bias"] = normal(h, std=0.1)
+        for proj, (rows, cols) in shapes.items():
+            sd[p + f"self_attn.{proj}.weight"] = normal(rows, cols, std=1 / math.sqrt(cols))
+            if bias:
+                sd[p + f"self_attn.{proj}.bias"] = normal(rows, std=0.1)
         sd[p + "mlp.gate_proj.weight"] = normal(inter, h, std=1 / math.sqrt(h))
         sd[p + "mlp.up_proj.weight"] = normal(inter, h, std=1 / math.sqrt(h))
         sd[p + "mlp.down_proj.weight"] = normal(h, inter, std=1 / math.sqrt(inter))
         sd[p + "input_layernorm.weight"] = (1 + normal(h, std=0.1)).to(dtype)
         sd[p + "post_attention_layernorm.weight"] = (1 + normal(h, std=0.1)).to(dtype)
-        half = h // heads
-        sd[p + "self_attn.rotary_emb.inv_freq"] = 1.0 / (10000 ** (torch.arange(0, half, 2).float() / half))
-    sd["model.norm.weight"] = (1 + normal(h, std=0.1)).to(dtype)
-    sd["lm_head.weight"] = normal(v, h, std=3 / math.sqrt(h))
-    return sd
-
-
-def gqa_weights(cfg: dict, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """LLaMA-named random weights with num_key_value_heads kv heads, no bias, rows scaled as above."""
-    g = torch.Generator().manual_seed(seed)
-    h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    hd = cfg.get("head_dim") or h // heads
-
-    def normal(*shape, std):
-        return (torch.randn(*shape, generator=g) * std).to(dtype)
-
-    sd = {"model.embed_tokens.weight": normal(v, h, std=1.0)}
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        sd[p + "self_attn.q_proj.weight"] = normal(heads * hd, h, std=1 / math.sqrt(h))
-        sd[p + "self_attn.k_proj.weight"] = normal(kv * hd, h, std=1 / math.sqrt(h))
-        sd[p + "self_attn.v_proj.weight"] = normal(kv * hd, h, std=1 / math.sqrt(h))
-        sd[p + "self_attn.o_proj.weight"] = normal(h, heads * hd, std=1 / math.sqrt(heads * hd))
-        sd[p + "mlp.gate_proj.weight"] = normal(inter, h, std=1 / math.sqrt(h))
-        sd[p + "mlp.up_proj.weight"] = normal(inter, h, std=1 / math.sqrt(h))
-        sd[p + "mlp.down_proj.weight"] = normal(h, inter, std=1 / math.sqrt(inter))
-        sd[p + "input_layernorm.weight"] = (1 + normal(h, std=0.1)).to(dtype)
-        sd[p + "post_attention_layernorm.weight"] = (1 + normal(h, std=0.1)).to(dtype)
+        if cfg.get("model_type") == "internlm":
+            sd[p + "self_attn.rotary_emb.inv_freq"] = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
     sd["model.norm.weight"] = (1 + normal(h, std=0.1)).to(dtype)
     if not cfg.get("tie_word_embeddings"):
         sd["lm_head.weight"] = normal(v, h, std=3 / math.sqrt(h))
@@ -180,7 +160,7 @@ def write_internlm2_checkpoint(out: str | Path, kv_heads: int = 4, eos_ids: tupl
     cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "tokenizer.model").write_bytes(train_tokenizer(min(cfg["vocab_size"], 4999)))
-    sd = pack_internlm2(gqa_weights(cfg, seed, dtype), cfg["num_attention_heads"], kv_heads)
+    sd = pack_internlm2(random_weights(cfg, seed, dtype), cfg["num_attention_heads"], kv_heads)
     write_safetensors_shards(out, sd, shards)
     (out / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
                                                            "add_bos_token": True, "add_eos_token": False}, indent=2))
@@ -197,7 +177,7 @@ def write_llama_checkpoint(out: str | Path, kv_heads: int = 2, tie: bool = True,
     cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     train_tokenizer_json(out / "tokenizer.json", min(cfg["vocab_size"], 4999))
-    write_safetensors_shards(out, gqa_weights(cfg, seed, dtype), 1)
+    write_safetensors_shards(out, random_weights(cfg, seed, dtype), 1)
     (out / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}, indent=2))
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     return out
