@@ -96,3 +96,22 @@ def torchrun(nproc: int, *overrides: str, timeout: int = 300, multirun: bool = F
     cmd = [TORCHRUN, "--nproc-per-node", str(nproc), "--master-port", str(free_port()),
            str(ROOT / "launch" / "run.py"), *(["-m"] if multirun else []), *overrides]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+class ScriptedModel(torch.nn.Module):
+    """Emits, for row b, the tokens script[b] in order (as one-hot logits), then 7 forever."""
+
+    def __init__(self, script, vocab=10):
+        super().__init__()
+        self.script, self.vocab, self.calls = script, vocab, 0
+        self.device = torch.device("cpu")
+
+    def setup_cache(self, batch, max_seq):
+        pass
+
+    def forward(self, ids, positions, mask, start):
+        logits = torch.zeros(ids.shape[0], 1, self.vocab)
+        for b, seq in enumerate(self.script):
+            logits[b, 0, seq[self.calls] if self.calls < len(seq) else 7] = 1.0
+        self.calls += 1
+        return logits

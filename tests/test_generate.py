@@ -1,30 +1,12 @@
 """The generation loop: EOS handling per sequence, left padding inputs, sampling controls."""
 import torch
 
+from conftest import ScriptedModel
 from tp.generate import Sampling, choose, generate, prefill_inputs
 from tp.load import load_model
 from tp.tokenizer import Tokenizer
 
 EOS = 2
-
-
-class ScriptedModel(torch.nn.Module):
-    """Emits, for row b, the tokens script[b] in order (as one-hot logits), then 7 forever."""
-
-    def __init__(self, script, vocab=10):
-        super().__init__()
-        self.script, self.vocab, self.calls = script, vocab, 0
-        self.device = torch.device("cpu")
-
-    def setup_cache(self, batch, max_seq):
-        pass
-
-    def forward(self, ids, positions, mask, start):
-        logits = torch.zeros(ids.shape[0], 1, self.vocab)
-        for b, seq in enumerate(self.script):
-            logits[b, 0, seq[self.calls] if self.calls < len(seq) else 7] = 1.0
-        self.calls += 1
-        return logits
 
 
 def test_each_sequence_stops_at_its_own_eos():

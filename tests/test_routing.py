@@ -11,6 +11,7 @@ import torch.distributed as dist
 import tp.generate as generation
 from tp import routing
 from tp.generate import generate
+from conftest import ScriptedModel
 from tp.quant import int8_linear, quantize_rows
 
 
@@ -71,41 +72,23 @@ def test_hccl_timeouts_follow_dist_timeout_unless_the_user_set_them():
     assert routing.hccl_environment(30, {"HCCL_CONNECT_TIMEOUT": "600"}) == {"HCCL_EXEC_TIMEOUT": "120"}
 
 
-class _Scripted(torch.nn.Module):
-    """Row b emits script[b] (then 7 forever) as one-hot logits."""
-
-    def __init__(self, script, vocab=10):
-        super().__init__()
-        self.script, self.vocab, self.calls, self.device = script, vocab, 0, torch.device("cpu")
-
-    def setup_cache(self, batch, max_seq):
-        pass
-
-    def forward(self, ids, positions, mask, start):
-        logits = torch.zeros(ids.shape[0], 1, self.vocab)
-        for b, seq in enumerate(self.script):
-            logits[b, 0, seq[self.calls] if self.calls < len(seq) else 7] = 1.0
-        self.calls += 1
-        return logits
-
-
 def test_decode_loop_reads_the_device_only_every_few_steps_and_never_without_eos(monkeypatch):
     reads = []
     real = generation.all_finished
     monkeypatch.setattr(generation, "all_finished", lambda f: reads.append(1) or real(f))
     script = [[5, 2, 6, 6], [4, 4, 4, 4, 4, 4, 4, 2]]
-    cpu = generate(_Scripted(script), [[1, 3], [1]], 20, eos_id=2)
+    cpu = generate(ScriptedModel(script), [[1, 3], [1]], 20, eos_id=2)
     cpu_reads = len(reads)
     reads.clear()
     monkeypatch.setattr(generation, "eos_check_interval", lambda kind: routing.eos_check_interval("npu"))
-    accel = generate(_Scripted(script), [[1, 3], [1]], 20, eos_id=2)
+    accel = generate(ScriptedModel(script), [[1, 3], [1]], 20, eos_id=2)
     assert accel.tokens == cpu.tokens == [[5, 2], [4, 4, 4, 4, 4, 4, 4, 2]], "the same tokens and stop points"
     # CPU: a look before each of steps 1..8 (the 8th finds every row ended). Every 8 steps: before
     # steps 1 and 9; steps 1..8 ran, the last one emitting masked EOS only.
     assert cpu_reads == 8 and cpu.decode_steps == 7
     assert len(reads) == 2 and accel.decode_steps == 8
     reads.clear()
-    generate(_Scripted(script), [[1, 3], [1]], 20, eos_id=-1)
+    generate(ScriptedModel(script), [[1, 3], [1]], 20, eos_id=-1)
     assert reads == [], "eos_id=-1 (benchmarks): no read inside the loop"
 
 
