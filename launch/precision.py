@@ -159,6 +159,7 @@ def run(cfg: DictConfig, session: Session, out_dir: Path) -> None:
         if prefix:
             tokens["through"] += P
             tokens["padded"] += P
+
         def with_prefix(q) -> bool:
             return bool(P) and encoded[q.id][1] == len(dev[subject])
 
