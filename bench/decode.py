@@ -3,7 +3,8 @@
 On an InternLM-shaped model of >= 500M parameters (hidden 2048, 8 layers, 16 heads, intermediate
 5504, vocab 103168: 827M) this measures, each in a fresh process so none inherits another's memory:
   - the read roofline: the bandwidth of a plain multi-threaded float32 sum over 1 GiB (far beyond the
-    caches), best of 5, measured before and after everything else (the better kept: the host drifts);
+    caches), best of 5, on ordinary and on huge pages (as our weights: tp/hugepages.py), measured
+    before and after everything else (the best kept: the host drifts);
     a step's roofline time is the bytes it must read (every weight once, int8 + scales for int8) / that;
   - a GEMV probe: torch's F.linear and torch.mv at batch 1 over matrices of the model's own shapes;
   - transformers' `generate` (LlamaForCausalLM, attention_bias=True) on the same checkpoint;
@@ -72,16 +73,26 @@ def cpu_description() -> str:
 
 
 def worker_read(threads: int) -> dict:
-    """GB/s of a plain float32 sum over 1 GiB with `threads` threads, best of 5."""
+    """GB/s of a plain float32 sum over 1 GiB with `threads` threads, best of 5, on ordinary pages
+    and on pages advised huge as our weights are (tp.hugepages): the better of the two is kept."""
     import torch
+
+    from tp import hugepages
     _threads(threads)
-    buf = torch.ones(1 << 28)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        buf.sum()
-        best = min(best, time.perf_counter() - t0)
-    return {"GBps": buf.numel() * 4 / best / 1e9}
+    result = {}
+    for label in ("4k", "huge"):
+        buf = torch.empty(1 << 28)
+        if label == "huge" and not hugepages.advise([buf]):
+            continue
+        buf.fill_(1.0)
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            buf.sum()
+            best = min(best, time.perf_counter() - t0)
+        result[label] = buf.numel() * 4 / best / 1e9
+        del buf
+    return {"GBps": max(result.values()), **result}
 
 
 def worker_probe(ckpt: str, dtype: str, threads: int) -> dict:
@@ -222,7 +233,7 @@ def main() -> None:
         if not (ckpt / "config.json").is_file():
             built = call("build", ckpt)
             print(f"checkpoint: InternLM-shaped {SHAPE}, {built['bytes'] / 1e9:.2f} GB float32")
-        reads = [call("read", 2)["GBps"]]
+        reads = [call("read", 2)]
         runs = {}  # label -> (activations dtype, quantize)
         variants = [(d, d, "none") for d in args.dtypes.split(",")]
         if not args.no_int8:
@@ -235,8 +246,8 @@ def main() -> None:
                 r["probe"] = call("probe", ckpt, dtype, 2)
                 r["hf"] = call("hf", ckpt, dtype, 2, args.new_tokens)
             runs[label] = r
-        reads.append(call("read", 2)["GBps"])
-        report(runs, max(reads), reads, args.new_tokens)
+        reads.append(call("read", 2))
+        report(runs, max(r["GBps"] for r in reads), reads, args.new_tokens)
         if not args.no_int8:
             sizes = call("cut_bytes", ckpt, work / "cuts")
             ratio = sizes["int8"] / sizes["float32"]
@@ -248,7 +259,8 @@ def main() -> None:
 
 
 def report(runs: dict, bw: float, reads: list[float], new_tokens: int) -> None:
-    print(f"\nread roofline: float32 sum over 1 GiB, 2 threads: {' / '.join(f'{r:.1f}' for r in reads)} GB/s "
+    pages = " / ".join(", ".join(f"{k} pages {v:.1f}" for k, v in r.items() if k != "GBps") for r in reads)
+    print(f"\nread roofline: float32 sum over 1 GiB, 2 threads: {pages} GB/s "
           f"(before / after the runs): {bw:.1f} GB/s kept")
     checks = []
     for label, r in runs.items():

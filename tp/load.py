@@ -1,12 +1,13 @@
 """Build the model for one rank and fill it with that rank's slices of a checkpoint."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from tp import decode_matmul
+from tp import decode_matmul, hugepages
 from tp.checkpoint import READ_BLOCK_BYTES, CheckpointError, CheckpointReader, read_shard
 from tp.config import ModelConfig
 from tp.model import InternLM
@@ -15,7 +16,9 @@ from tp.quant import check_choice, is_quantized, lm_head_quantized, quantize_row
 from tp.layout import lm_head_name, source_names, targets
 from tp.split import pad_rows, shard_bounds, split_of
 
+log = logging.getLogger("internlm_tp")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
 
 def expected_names(cfg: ModelConfig, quantize: str = "none", quantize_lm_head: bool = True,
                    quantize_embedding: bool = True) -> list[str]:
@@ -146,8 +149,13 @@ def load_model(path: str | Path, rank: int = 0, world_size: int = 1, device: tor
         check_source_names(cfg, present, str(directory), CheckpointError)
     model = InternLM(cfg, rank, world_size, resolve_dtype(dtype, source.dtype("model.norm.weight"), device), device,
                      quantize=quantize, quantize_lm_head=quantize_lm_head, quantize_embedding=quantize_embedding)
+    if device.type == "cpu":  # before fill writes them: the pages are chosen at first touch
+        huge_before, advised = hugepages.anon_huge_bytes(), hugepages.advise(model.parameters())
     fill(model, local, expected)
-    if device.type == "cpu":  # measured now, not inside the first timed step
+    if device.type == "cpu":
+        if advised:
+            log.info("weights: %.0f MB advised for transparent huge pages, %.0f MB landed on them",
+                     advised / 1e6, (hugepages.anon_huge_bytes() - huge_before) / 1e6)  # measured now, not inside the first timed step
         decode_matmul.choose(model.matmul_modules(), model.dtype)
         decode_matmul.choose_prefill(model.matmul_modules(), model.dtype)
     return model.eval()

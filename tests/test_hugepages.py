@@ -1,0 +1,39 @@
+"""Weights on transparent huge pages (tp/hugepages.py): advised before the first write, they land on
+2 MiB pages where the host allows it; switched off, or where THP is off, nothing is advised."""
+import pytest
+import torch
+
+from tp import hugepages
+
+
+def test_mode_is_read_from_the_bracketed_choice(tmp_path, monkeypatch):
+    mode = tmp_path / "enabled"
+    mode.write_text("always [madvise] never\n")
+    monkeypatch.setattr(hugepages, "_THP_MODE", mode)
+    assert hugepages.thp_mode() == "madvise"
+    mode.write_text("always madvise [never]\n")
+    assert hugepages.thp_mode() == "never" and not hugepages.enabled()
+    assert hugepages.advise([torch.empty(8 << 20, dtype=torch.uint8)]) == 0
+    monkeypatch.setattr(hugepages, "_THP_MODE", tmp_path / "absent")
+    assert hugepages.thp_mode() is None and not hugepages.enabled()
+
+
+def test_advised_memory_lands_on_huge_pages():
+    block = torch.empty(16 << 20, dtype=torch.uint8)
+    before = hugepages.anon_huge_bytes()
+    advised = hugepages.advise([block, block[1:]])  # the same storage twice: advised once
+    block.fill_(1)
+    if hugepages.enabled():
+        assert 14 << 20 <= advised <= 16 << 20  # the whole 2 MiB pages inside 16 MiB
+        assert hugepages.anon_huge_bytes() - before >= 2 << 20
+    else:
+        assert advised == 0
+    assert int(block.sum()) == 16 << 20  # the memory itself is untouched by the advice
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv(hugepages.ENV, "0")
+    assert hugepages.advise([torch.empty(8 << 20, dtype=torch.uint8)]) == 0
+    monkeypatch.setenv(hugepages.ENV, "yes")
+    with pytest.raises(ValueError, match="expected 0 or 1"):
+        hugepages.enabled()
