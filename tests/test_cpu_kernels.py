@@ -46,7 +46,7 @@ def test_kernel_is_float32_exact_up_to_summation_rounding(isa, kind, x_dtype, ro
     """Against the product in float64: float32 rounding of the K-term sum (and of the scale and bias)
     is all that may separate them, bound (K + 3) * 2^-24 of the sum of |terms|; bfloat16 outputs add
     one bfloat16 rounding of the result."""
-    op = kernels.build(isa)
+    op = kernels.build(isa).gemv
     g = torch.Generator().manual_seed(rows * 1000 + k)
     n = 4097 if k == 2048 else 389
     w, scale, exact_w = _weights(kind, n, k, g)
@@ -174,9 +174,9 @@ def test_no_kernel_means_a_warning_and_torch_paths(monkeypatch):
     def no_compiler(**_):
         raise RuntimeError("Ninja is required to load C++ extensions")
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    with pytest.warns(UserWarning, match="could not build gemv.cpp .*Ninja is required.*torch's matmuls"):
+    with pytest.warns(UserWarning, match="could not build gemv.cpp, decode_attention.cpp .*Ninja is required.*torch's matmuls"):
         assert kernels._build() is None
-    monkeypatch.setitem(kernels._state, "op", None)
+    monkeypatch.setitem(kernels._state, "ops", None)
     assert decode_matmul.candidates(torch.zeros(4, 4), torch.float32) == ["linear", "mv"]
 
 

@@ -1,12 +1,13 @@
-"""The project's hand-written CPU kernel, tp/csrc/gemv.cpp (decode matmuls in float32, bfloat16 and
-int8), built on first use for the vector ISA this CPU has.
+"""The project's hand-written CPU kernels, built on first use for the vector ISA this CPU has:
+tp/csrc/gemv.cpp (decode matmuls in float32, bfloat16 and int8) and tp/csrc/decode_attention.cpp
+(attention for one new token per sequence), one extension sharing tp/csrc/vec.h.
 
-torch.utils.cpp_extension compiles it (g++ and ninja, ~20 s once, then cached under
+torch.utils.cpp_extension compiles them (g++ and ninja, ~20 s once, then cached under
 $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions): with AVX-512 where torch reports that capability,
 else with AVX2 + FMA, else not at all. `ninja` is a dependency of the package; it lands in the venv's
 `bin/`, which is put on PATH for the build (a user running `.venv/bin/torchrun` does not have it there).
-Where the kernel cannot be built (a warning says why) or INTERNLM_TP_GEMV=torch, decode takes torch's
-paths (tp/decode_matmul.py chooses among what there is).
+Where they cannot be built (a warning says why) or INTERNLM_TP_GEMV=torch, decode takes torch's
+paths (tp/decode_matmul.py and tp/decode_attention.py choose among what there is).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ import torch
 ENV = "INTERNLM_TP_GEMV"  # auto (measure our kernel against torch's paths) | ours | torch
 CHOICES = ("auto", "ours", "torch")
 MAX_ROWS = 16  # rows of activations sent to the kernel; past that, torch's GEMM (prefill)
-_SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("gemv.cpp", "decode_attention.cpp")]
+_NAMES = ", ".join(source.name for source in _SOURCES)
 # The flags per ISA: the kernel's vector width follows them (tp/csrc/gemv.cpp).
 ISA_FLAGS = {"avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"], "avx2": ["-mavx2", "-mfma"]}
 _state: dict[str, object] = {}
@@ -89,40 +91,53 @@ def _openmp_runtime() -> list[str]:
 
 
 def build(isa: str):
-    """Compile (or load the cached build of) the kernel for `isa`; returns its op. Raises on failure."""
+    """Compile (or load the cached build of) the kernels for `isa`; returns their op namespace
+    (`.gemv`, `.decode_attention`). Raises on failure."""
     from torch.utils.cpp_extension import load
     namespace = f"internlm_tp_{isa}"
     directory = _build_directory(isa)
     with _tools_on_path(), _one_build_at_a_time(directory):
-        load(name=namespace, sources=[str(_SOURCE)], build_directory=str(directory), is_python_module=False,
-             extra_cflags=["-O3", *ISA_FLAGS[isa], f"-DGEMV_NAMESPACE={namespace}", "-fopenmp"],
+        load(name=namespace, sources=[str(source) for source in _SOURCES], build_directory=str(directory), is_python_module=False,
+             extra_cflags=["-O3", *ISA_FLAGS[isa], f"-DOPS_NAMESPACE={namespace}", "-fopenmp"],
              extra_ldflags=_openmp_runtime())
-    return getattr(torch.ops, namespace).gemv
+    return getattr(torch.ops, namespace)
 
 
 def _build():
-    """The op for this host, or None where it is not to be used (warned, unless asked for)."""
+    """The ops for this host, or None where they are not to be used (warned, unless asked for)."""
     if choice() == "torch":
         return None
     isa = host_isa()
     if isa is None:
-        warnings.warn(f"CPU kernel: this CPU's capability is {torch.backends.cpu.get_cpu_capability()}, "
+        warnings.warn(f"CPU kernels: this CPU's capability is {torch.backends.cpu.get_cpu_capability()}, "
                       "neither AVX512 nor AVX2; decode uses torch's matmuls")
         return None
     try:
-        op = build(isa)
-        log.info("CPU kernel: %s built for %s and in use (cached in %s)", _SOURCE.name, isa, _build_directory(isa))
-        return op
+        ops = build(isa)
+        log.info("CPU kernels: %s built for %s and in use (cached in %s)", _NAMES, isa, _build_directory(isa))
+        return ops
     except Exception as e:  # no compiler, no ninja, a failed build: slower, but it still runs
-        warnings.warn(f"CPU kernel: could not build {_SOURCE.name} ({type(e).__name__}: {e}); "
+        warnings.warn(f"CPU kernels: could not build {_NAMES} ({type(e).__name__}: {e}); "
                       "decode uses torch's matmuls")
         return None
 
 
+def _ops():
+    if "ops" not in _state:
+        _state["ops"] = _build()
+    return _state["ops"]
+
+
 def gemv():
     """gemv(x [M, K] float32|bfloat16, w [N, K] float32|bfloat16|int8, scale float32 [N] | None,
-    bias [N] | None) -> [M, N] in x's dtype, or None where the kernel is not available; built once
+    bias [N] | None) -> [M, N] in x's dtype, or None where the kernels are not available; built once
     per process."""
-    if "op" not in _state:
-        _state["op"] = _build()
-    return _state["op"]
+    ops = _ops()
+    return None if ops is None else ops.gemv
+
+
+def decode_attention():
+    """decode_attention(q [B, H, 1, D], k [B, KVH, L, D], v, scale: float, mask bool [B, L] | None)
+    -> [B, H, 1, D] in q's dtype (float32 or bfloat16), or None where the kernels are not available."""
+    ops = _ops()
+    return None if ops is None else ops.decode_attention

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tp import decode_attention
 from tp.config import ModelConfig
 from tp.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from tp.quant import lm_head_quantized
@@ -93,6 +94,7 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * hd, h, world_size, cfg.bias, dtype, device,
                                         quantized=int8)
         self.cache: KVCache | None = None
+        self.decode_path: str | None = None  # tp.decode_attention's choice, on the CPU
 
     def forward(self, x, cos, sin, mask, start: int):
         b, t, _ = x.shape
@@ -100,11 +102,16 @@ class Attention(nn.Module):
         q, k, v = qkv.split([self.local_heads, self.local_kv_heads, self.local_kv_heads], dim=1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = self.cache.update(start, k, v)
-        # mask None: no padding in the batch, so plain causal attention (SDPA's faster path).
-        # Grouped-query attention: SDPA maps query heads onto their kv head, the cache is not copied.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
-                                           scale=1.0 / math.sqrt(self.head_dim),
-                                           enable_gqa=self.local_kv_heads != self.local_heads)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if t == 1 and x.device.type == "cpu":  # decode: the path measured fastest on this host
+            if self.decode_path is None:
+                self.decode_path = decode_attention.candidates(q.dtype)[0]
+            y = decode_attention.run(self.decode_path, q, k, v, scale, mask)
+        else:
+            # mask None: no padding in the batch, so plain causal attention (SDPA's faster path).
+            # Grouped-query attention: SDPA maps query heads onto their kv head, the cache is not copied.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, scale=scale,
+                                               enable_gqa=self.local_kv_heads != self.local_heads)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.local_heads * self.head_dim))
 
 
@@ -184,6 +191,9 @@ class InternLM(nn.Module):
     def matmul_modules(self) -> list:
         """The layers that multiply activations by a weight matrix (every one but the embedding)."""
         return [m for m in self.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear, ParallelLMHead))]
+
+    def attentions(self) -> list[Attention]:
+        return [layer.self_attn for layer in self.model.layers]
 
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())

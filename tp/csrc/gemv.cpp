@@ -14,7 +14,7 @@
 //   - bfloat16 and int8 widened to float32 in registers (a shift, or a sign-extend and convert):
 //     the arithmetic is far below what the cores can do, the loads are the limit;
 //   - all M rows of x against a group of W rows while it is in cache, a few rows of x at a time.
-// The vector width is the build's: AVX-512 (16 floats) or AVX2 + FMA (8 floats); tails in scalar code.
+// The vector width is the build's (vec.h): AVX-512 (16 floats) or AVX2 + FMA (8 floats); tails in scalar code.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -25,49 +25,15 @@
 
 #include <algorithm>
 
-#ifndef GEMV_NAMESPACE
-#error "build with -DGEMV_NAMESPACE=<op namespace>"
+#include "vec.h"
+
+#ifndef OPS_NAMESPACE
+#error "build with -DOPS_NAMESPACE=<op namespace>"
 #endif
 
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int kWidth = 16;
-constexpr int kXRows = 4;  // rows of x per pass: 4 x 4 accumulators of 32 registers
-using vec = __m512;
-inline vec zero() { return _mm512_setzero_ps(); }
-inline vec load(const float* p) { return _mm512_loadu_ps(p); }
-inline vec load(const c10::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline vec load(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-inline vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline float sum(vec v) { return _mm512_reduce_add_ps(v); }
-#elif defined(__AVX2__) && defined(__FMA__)
-constexpr int kWidth = 8;
-constexpr int kXRows = 2;  // 4 x 2 accumulators, leaving registers for x and W among AVX2's 16
-using vec = __m256;
-inline vec zero() { return _mm256_setzero_ps(); }
-inline vec load(const float* p) { return _mm256_loadu_ps(p); }
-inline vec load(const c10::BFloat16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline vec load(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-inline vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline float sum(vec v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-#else
-#error "gemv.cpp needs AVX-512 or AVX2 + FMA"
-#endif
+using namespace cpu_vec;
 
 // Rows of W per step: independent streams and accumulator chains. int8 takes 8: its rows are a quarter
 // of float32's bytes, and 4 chains of FMAs were its limit (measured: 28 -> 29+ GB/s on an AMD EPYC).
@@ -75,10 +41,6 @@ template <typename T> constexpr int64_t kRows = sizeof(T) == 1 ? 8 : 4;
 #ifndef GEMV_AHEAD
 #define GEMV_AHEAD 1  // prefetch distance in groups of rows; 0: no software prefetch
 #endif
-
-inline float scalar(float v) { return v; }
-inline float scalar(c10::BFloat16 v) { return static_cast<float>(v); }
-inline float scalar(int8_t v) { return static_cast<float>(v); }
 
 // acc[r][m] = sum_k x[m, k] * w[n + r, k] for R rows of W and MX rows of x.
 template <typename T, int R, int MX>
@@ -209,6 +171,6 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at
 
 }  // namespace
 
-TORCH_LIBRARY(GEMV_NAMESPACE, m) {
+TORCH_LIBRARY(OPS_NAMESPACE, m) {
   m.def("gemv(Tensor x, Tensor w, Tensor? scale=None, Tensor? bias=None) -> Tensor", gemv);
 }
