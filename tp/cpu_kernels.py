@@ -1,6 +1,7 @@
 """The project's hand-written CPU kernels, built on first use for the vector ISA this CPU has:
-tp/csrc/gemv.cpp (decode matmuls in float32, bfloat16 and int8) and tp/csrc/decode_attention.cpp
-(attention for one new token per sequence), one extension sharing tp/csrc/vec.h.
+tp/csrc/gemv.cpp (decode matmuls in float32, bfloat16 and int8), tp/csrc/decode_attention.cpp
+(attention for one new token per sequence) and tp/csrc/rms_norm.cpp (RMSNorm of decode rows), one
+extension sharing tp/csrc/vec.h.
 
 torch.utils.cpp_extension compiles them (g++ and ninja, ~20 s once, then cached under
 $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions): with AVX-512 where torch reports that capability,
@@ -24,7 +25,7 @@ import torch
 ENV = "INTERNLM_TP_GEMV"  # auto (measure our kernel against torch's paths) | ours | torch
 CHOICES = ("auto", "ours", "torch")
 MAX_ROWS = 16  # rows of activations sent to the kernel; past that, torch's GEMM (prefill)
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("gemv.cpp", "decode_attention.cpp")]
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("gemv.cpp", "decode_attention.cpp", "rms_norm.cpp")]
 _NAMES = ", ".join(source.name for source in _SOURCES)
 # The flags per ISA: the kernel's vector width follows them (tp/csrc/gemv.cpp).
 ISA_FLAGS = {"avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"], "avx2": ["-mavx2", "-mfma"]}
@@ -92,7 +93,7 @@ def _openmp_runtime() -> list[str]:
 
 def build(isa: str):
     """Compile (or load the cached build of) the kernels for `isa`; returns their op namespace
-    (`.gemv`, `.decode_attention`). Raises on failure."""
+    (`.gemv`, `.decode_attention`, `.rms_norm`). Raises on failure."""
     from torch.utils.cpp_extension import load
     namespace = f"internlm_tp_{isa}"
     directory = _build_directory(isa)
@@ -141,3 +142,10 @@ def decode_attention():
     -> [B, H, 1, D] in q's dtype (float32 or bfloat16), or None where the kernels are not available."""
     ops = _ops()
     return None if ops is None else ops.decode_attention
+
+
+def rms_norm():
+    """rms_norm(x [M, D] float32|bfloat16, weight [D], eps: float) -> [M, D], or None where the
+    kernels are not available."""
+    ops = _ops()
+    return None if ops is None else ops.rms_norm

@@ -1,0 +1,54 @@
+"""tp/csrc/rms_norm.cpp, the decode rows' RMSNorm: equal to torch's path (transformers' LlamaRMSNorm
+order of roundings) within a float32 ulp of the scale, so at most one rounding step of the dtype."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tp.cpu_kernels as kernels
+from tp.model import RMSNorm
+
+HOST_ISA = kernels.host_isa()
+RUNNABLE = [isa for isa in ("avx2", "avx512") if isa == HOST_ISA or (isa == "avx2" and HOST_ISA == "avx512")]
+
+
+def _torch_path(x, weight, eps):
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+@pytest.mark.parametrize("isa", RUNNABLE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,dim", [(1, 2048), (3, 20), (16, 4096)])
+def test_kernel_matches_torchs_rms_norm(isa, dtype, rows, dim):
+    op = kernels.build(isa).rms_norm
+    g = torch.Generator().manual_seed(rows * dim)
+    x = (torch.randn(rows, dim, generator=g) * 3).to(dtype)
+    weight = torch.randn(dim, generator=g).to(dtype)
+    y, expected = op(x, weight, 1e-6), _torch_path(x, weight, 1e-6)
+    assert y.dtype == dtype and y.shape == x.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
+    else:  # the normalised value may round to the neighbouring bfloat16: one step of 2^-8, scaled
+        step = (expected.float().abs() * 2 ** -7).clamp_min(1e-30)
+        assert ((y.float() - expected.float()).abs() <= step).all()
+        assert (y == expected).float().mean() > 0.99, "nearly every element rounds alike"
+
+
+def test_module_takes_the_kernel_for_decode_rows_only(monkeypatch):
+    norm = RMSNorm(64, 1e-5, torch.float32)
+    norm.weight.data.normal_()
+    calls = []
+    real = kernels.rms_norm()
+    monkeypatch.setattr(kernels, "rms_norm", lambda: lambda x, w, eps: calls.append(x.shape) or real(x, w, eps))
+    x = torch.randn(2, 1, 64)
+    torch.testing.assert_close(norm(x), _torch_path(x, norm.weight, 1e-5), rtol=1e-6, atol=1e-6)
+    long = torch.randn(1, 40, 64)  # a prefill: more rows than cpu_kernels.MAX_ROWS
+    torch.testing.assert_close(norm(long), _torch_path(long, norm.weight, 1e-5))
+    assert calls == [(2, 64)]
+
+
+def test_kernel_refuses_bad_input_with_a_message():
+    op = kernels.rms_norm()
+    with pytest.raises(RuntimeError, match="weight: \\[D\\] in x's dtype"):
+        op(torch.randn(2, 8), torch.randn(8).bfloat16(), 1e-6)
+    with pytest.raises(RuntimeError, match="x: contiguous \\[M, D\\]"):
+        op(torch.randn(8), torch.randn(8), 1e-6)
