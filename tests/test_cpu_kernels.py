@@ -174,7 +174,7 @@ def test_no_kernel_means_a_warning_and_torch_paths(monkeypatch):
     def no_compiler(**_):
         raise RuntimeError("Ninja is required to load C++ extensions")
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    with pytest.warns(UserWarning, match="could not build gemv.cpp, decode_attention.cpp, rms_norm.cpp .*Ninja is required.*torch's matmuls"):
+    with pytest.warns(UserWarning, match="could not build gemv.cpp, decode_attention.cpp, rms_norm.cpp, rope.cpp, swiglu.cpp .*Ninja is required.*torch's matmuls"):
         assert kernels._build() is None
     monkeypatch.setitem(kernels._state, "ops", None)
     assert decode_matmul.candidates(torch.zeros(4, 4), torch.float32) == ["linear", "mv"]

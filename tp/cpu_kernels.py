@@ -1,7 +1,9 @@
 """The project's hand-written CPU kernels, built on first use for the vector ISA this CPU has:
 tp/csrc/gemv.cpp (decode matmuls in float32, bfloat16 and int8), tp/csrc/decode_attention.cpp
-(attention for one new token per sequence) and tp/csrc/rms_norm.cpp (RMSNorm of decode rows), one
-extension sharing tp/csrc/vec.h.
+(attention for one new token per sequence), and for the small steps between, each one call where
+torch makes several: tp/csrc/rms_norm.cpp, tp/csrc/rope.cpp, tp/csrc/swiglu.cpp; one extension
+sharing tp/csrc/vec.h. -ffp-contract=off: a
+product and a sum stay two roundings, as in torch's elementwise ops, never one fused multiply-add.
 
 torch.utils.cpp_extension compiles them (g++ and ninja, ~20 s once, then cached under
 $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions): with AVX-512 where torch reports that capability,
@@ -25,7 +27,7 @@ import torch
 ENV = "INTERNLM_TP_GEMV"  # auto (measure our kernel against torch's paths) | ours | torch
 CHOICES = ("auto", "ours", "torch")
 MAX_ROWS = 16  # rows of activations sent to the kernel; past that, torch's GEMM (prefill)
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("gemv.cpp", "decode_attention.cpp", "rms_norm.cpp")]
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("gemv.cpp", "decode_attention.cpp", "rms_norm.cpp", "rope.cpp", "swiglu.cpp")]
 _NAMES = ", ".join(source.name for source in _SOURCES)
 # The flags per ISA: the kernel's vector width follows them (tp/csrc/gemv.cpp).
 ISA_FLAGS = {"avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"], "avx2": ["-mavx2", "-mfma"]}
@@ -93,13 +95,13 @@ def _openmp_runtime() -> list[str]:
 
 def build(isa: str):
     """Compile (or load the cached build of) the kernels for `isa`; returns their op namespace
-    (`.gemv`, `.decode_attention`, `.rms_norm`). Raises on failure."""
+    (`.gemv`, `.decode_attention`, `.rms_norm`, `.rope`, `.swiglu`). Raises on failure."""
     from torch.utils.cpp_extension import load
     namespace = f"internlm_tp_{isa}"
     directory = _build_directory(isa)
     with _tools_on_path(), _one_build_at_a_time(directory):
         load(name=namespace, sources=[str(source) for source in _SOURCES], build_directory=str(directory), is_python_module=False,
-             extra_cflags=["-O3", *ISA_FLAGS[isa], f"-DOPS_NAMESPACE={namespace}", "-fopenmp"],
+             extra_cflags=["-O3", *ISA_FLAGS[isa], f"-DOPS_NAMESPACE={namespace}", "-fopenmp", "-ffp-contract=off"],
              extra_ldflags=_openmp_runtime())
     return getattr(torch.ops, namespace)
 
@@ -149,3 +151,17 @@ def rms_norm():
     kernels are not available."""
     ops = _ops()
     return None if ops is None else ops.rms_norm
+
+
+def rope():
+    """rope(x [B, H, T, D] float32|bfloat16, cos [B, 1, T, D], sin) -> [B, H, T, D] contiguous, or None
+    where the kernels are not available."""
+    ops = _ops()
+    return None if ops is None else ops.rope
+
+
+def swiglu():
+    """swiglu(gate_up [M, 2I] float32|bfloat16) -> silu(gate) * up [M, I], or None where the kernels
+    are not available."""
+    ops = _ops()
+    return None if ops is None else ops.swiglu

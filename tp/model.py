@@ -68,6 +68,10 @@ def rope_tables(cfg: ModelConfig, length: int, device=None) -> tuple[torch.Tenso
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+        op = cpu_kernels.rope()  # the same roundings in one call instead of six
+        if op is not None:
+            return op(x, cos, sin)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -130,7 +134,13 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, h, world_size, False, dtype, device, quantized=int8)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        rows = gate_up.numel() // gate_up.shape[-1]
+        if gate_up.device.type == "cpu" and rows <= MAX_ROWS and gate_up.dtype in (torch.float32, torch.bfloat16):
+            op = cpu_kernels.swiglu()  # decode rows: one call instead of three
+            if op is not None:
+                return self.down_proj(op(gate_up.reshape(rows, -1)).view(*gate_up.shape[:-1], -1))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

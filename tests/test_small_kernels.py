@@ -1,5 +1,6 @@
-"""tp/csrc/rms_norm.cpp, the decode rows' RMSNorm: equal to torch's path (transformers' LlamaRMSNorm
-order of roundings) within a float32 ulp of the scale, so at most one rounding step of the dtype."""
+"""The decode rows' small kernels against torch's paths: tp/csrc/rms_norm.cpp (transformers'
+LlamaRMSNorm order of roundings) and tp/csrc/swiglu.cpp (silu(gate) * up), each within a float32 ulp
+before the dtype's rounding, so at most one rounding step of the dtype apart."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -52,3 +53,19 @@ def test_kernel_refuses_bad_input_with_a_message():
         op(torch.randn(2, 8), torch.randn(8).bfloat16(), 1e-6)
     with pytest.raises(RuntimeError, match="x: contiguous \\[M, D\\]"):
         op(torch.randn(8), torch.randn(8), 1e-6)
+
+
+@pytest.mark.parametrize("isa", RUNNABLE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_kernel_matches_torchs_silu_times_up(isa, dtype):
+    op = kernels.build(isa).swiglu
+    gate_up = (torch.randn(3, 2 * 5504, generator=torch.Generator().manual_seed(3)) * 4).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    y, expected = op(gate_up), F.silu(gate) * up
+    assert y.dtype == dtype and y.shape == (3, 5504)
+    if dtype == torch.float32:  # exp may differ from torch's in the last bit
+        torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
+    else:  # silu may round to the neighbouring bfloat16 (one step, 2^-7 of it), then the product's rounding
+        bound = 2 ** -7 * (F.silu(gate).float() * up.float()).abs() + 2 ** -8 * expected.float().abs()
+        assert ((y.float() - expected.float()).abs() <= bound).all()
+        assert (y == expected).float().mean() > 0.99, "nearly every element rounds alike"
