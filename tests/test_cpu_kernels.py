@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -239,3 +240,18 @@ def test_prefill_compute_dtype_is_measured_and_used(monkeypatch):
     x = torch.randn(1, 40, 64).to(torch.bfloat16)  # 40 rows: past MAX_ROWS, a prefill
     exact = x.double() @ layers[0].weight.double().t() + layers[0].bias.double()
     assert torch.allclose(layers[0](x).double(), exact, rtol=2e-2, atol=2e-2 * exact.abs().max().item())
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_every_isa_build_compiles_on_this_host(isa, tmp_path):
+    """Each ISA's branch of tp/csrc (vec.h picks it by the compiler's flags) compiles with the flags
+    cpu_kernels uses, whether or not this CPU can run it: an AVX2 host still checks the AVX-512 code
+    it cannot execute (the tests above run the build the host has)."""
+    from torch.utils.cpp_extension import include_paths
+    includes = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    for source in kernels._SOURCES:
+        cmd = ["g++", "-std=c++20", "-fPIC", "-O1", *kernels.ISA_FLAGS[isa], "-fopenmp", "-ffp-contract=off",
+               f"-DOPS_NAMESPACE=internlm_tp_{isa}_check", *includes, "-c", str(source), "-o", str(tmp_path / "o.o")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{source.name} for {isa}:\n{proc.stderr[-3000:]}"
+        assert (tmp_path / "o.o").stat().st_size > 0

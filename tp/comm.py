@@ -59,6 +59,9 @@ class SharedMemoryComm(DistComm):
         raw = torch.empty(0, dtype=torch.uint8).set_(storage)
         self.data = raw[:data_bytes].view(2, world_size, max_bytes)
         self.flags = raw[data_bytes:].view(torch.int64)
+        # The same flags as a numpy array: a read or a store is ~0.1 us there against a few us per
+        # torch op, and the wait polls them (an all-reduce of one token: ~39 -> ~35 us, 2 ranks).
+        self._flags = self.flags.numpy()
         self.seq = 0
 
     def _exchange(self, piece: torch.Tensor) -> torch.Tensor:
@@ -66,7 +69,7 @@ class SharedMemoryComm(DistComm):
         self.seq += 1
         rows = self.data[self.seq % 2, :, : piece.numel() * piece.element_size()]
         rows[self.rank].copy_(piece.view(torch.uint8))
-        self.flags[self.rank] = self.seq  # after the copy: x86 keeps stores in order
+        self._flags[self.rank] = self.seq  # after the copy: x86 keeps stores in order
         self._wait()
         return rows.view(piece.dtype)
 
@@ -77,14 +80,14 @@ class SharedMemoryComm(DistComm):
 
     def _wait(self) -> None:
         deadline, spins = None, 0
-        while bool((self.flags < self.seq).any()):
+        while self._flags.min() < self.seq:
             spins += 1
             if spins > 200:
                 os.sched_yield()  # more ranks than cores: let the others run
                 if deadline is None:
                     deadline = time.monotonic() + self.timeout_s
                 elif time.monotonic() > deadline:
-                    late = (self.flags < self.seq).nonzero().flatten().tolist()
+                    late = [r for r in range(self.world_size) if self._flags[r] < self.seq]
                     raise RuntimeError(f"rank(s) {late} did not reach collective #{self.seq} within "
                                        f"{self.timeout_s:.0f} s: a peer process died or hangs")
 
