@@ -53,8 +53,8 @@ def _aligned_range(tensor: torch.Tensor) -> tuple[int, int]:
 
 def advise(tensors: Iterable[torch.Tensor]) -> int:
     """madvise(MADV_HUGEPAGE) the whole huge pages of each CPU tensor's storage (call it before the
-    memory is first written: pages already there are only merged later, by khugepaged). Returns the
-    bytes advised; 0 where huge pages are off or unavailable."""
+    memory is first written: pages already there, as in a small block reusing freed heap memory,
+    are only merged later, by khugepaged). Returns the bytes advised; 0 where huge pages are off."""
     if not enabled():
         return 0
     libc = ctypes.CDLL(None, use_errno=True)
@@ -70,13 +70,21 @@ def advise(tensors: Iterable[torch.Tensor]) -> int:
     return advised
 
 
-def anon_huge_bytes() -> int:
-    """This process's anonymous memory on huge pages now (AnonHugePages of /proc/self/smaps_rollup)."""
+def huge_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes on huge pages now in the memory mappings that hold the tensors' whole huge pages
+    (/proc/self/smaps; madvise gives an advised range mappings of its own, so nothing else counts)."""
+    ranges = sorted({_aligned_range(t) for t in tensors if t.device.type == "cpu"})
+    ranges = [(a, b) for a, b in ranges if b > a]
+    total, counted = 0, False
     try:
-        with open("/proc/self/smaps_rollup") as fh:
+        with open("/proc/self/smaps") as fh:
             for line in fh:
-                if line.startswith("AnonHugePages:"):
-                    return int(line.split()[1]) * 1024
+                head = line.split(maxsplit=1)[0]
+                if "-" in head and not head.endswith(":"):
+                    lo, hi = (int(a, 16) for a in head.split("-"))
+                    counted = any(a < hi and lo < b for a, b in ranges)
+                elif counted and head == "AnonHugePages:":
+                    total += int(line.split()[1]) * 1024
     except OSError:
-        pass
-    return 0
+        return 0
+    return total

@@ -150,12 +150,12 @@ def load_model(path: str | Path, rank: int = 0, world_size: int = 1, device: tor
     model = InternLM(cfg, rank, world_size, resolve_dtype(dtype, source.dtype("model.norm.weight"), device), device,
                      quantize=quantize, quantize_lm_head=quantize_lm_head, quantize_embedding=quantize_embedding)
     if device.type == "cpu":  # before fill writes them: the pages are chosen at first touch
-        huge_before, advised = hugepages.anon_huge_bytes(), hugepages.advise(model.parameters())
+        advised = hugepages.advise(model.parameters())
     fill(model, local, expected)
     if device.type == "cpu":
         if advised:
             log.info("weights: %.0f MB advised for transparent huge pages, %.0f MB landed on them",
-                     advised / 1e6, (hugepages.anon_huge_bytes() - huge_before) / 1e6)  # measured now, not inside the first timed step
+                     advised / 1e6, hugepages.huge_bytes(model.parameters()) / 1e6)  # measured now, not inside the first timed step
         decode_matmul.choose(model.matmul_modules(), model.dtype)
         decode_matmul.choose_prefill(model.matmul_modules(), model.dtype)
         decode_attention.choose(model.attentions(), model.dtype)
