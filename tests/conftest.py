@@ -13,8 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from tp.cpu_kernels import host_isa  # noqa: E402
 from tp.demo_data import write_demo_set  # noqa: E402
 from tp.tiny import write_tiny_checkpoint  # noqa: E402
+
+HOST_ISA = host_isa()
+# The builds of tp/csrc this CPU can run: its own, and the AVX2 one on an AVX-512 host.
+RUNNABLE_ISAS = [isa for isa in ("avx2", "avx512") if isa == HOST_ISA or (isa == "avx2" and HOST_ISA == "avx512")]
 
 # The real C-Eval where the caller names it (the Makefile does, where ../shared/ceval exists: this
 # project's CI layout), else the project's built-in demo set. Every test runs on either; these are the

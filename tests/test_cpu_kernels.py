@@ -15,11 +15,9 @@ import torch
 import torch.nn.functional as F
 
 import tp.cpu_kernels as kernels
+from conftest import HOST_ISA, RUNNABLE_ISAS
 from tp import decode_matmul
 from tp.quant import quantize_rows
-
-HOST_ISA = kernels.host_isa()
-RUNNABLE = [isa for isa in ("avx2", "avx512") if isa == HOST_ISA or (isa == "avx2" and HOST_ISA == "avx512")]
 
 
 def test_this_x86_host_builds_its_kernel():
@@ -38,7 +36,7 @@ def _weights(kind: str, n: int, k: int, g: torch.Generator):
 
 
 # K: a multiple of both vector widths, and ones with scalar tails; N off the 4- and 8-row steps.
-@pytest.mark.parametrize("isa", RUNNABLE)
+@pytest.mark.parametrize("isa", RUNNABLE_ISAS)
 # Float weights have the activations' dtype in the model; int8 weights take either.
 @pytest.mark.parametrize("kind,x_dtype", [("float32", torch.float32), ("bfloat16", torch.bfloat16),
                                           ("int8", torch.float32), ("int8", torch.bfloat16)])

@@ -7,13 +7,11 @@ import pytest
 import torch
 
 import tp.cpu_kernels as kernels
+from conftest import RUNNABLE_ISAS
 from tp import decode_attention
 from tp.generate import generate
 from tp.load import load_model
 from tp.tiny import write_tiny_checkpoint
-
-HOST_ISA = kernels.host_isa()
-RUNNABLE = [isa for isa in ("avx2", "avx512") if isa == HOST_ISA or (isa == "avx2" and HOST_ISA == "avx512")]
 
 
 def _reference(q, k, v, scale, mask):
@@ -26,7 +24,7 @@ def _reference(q, k, v, scale, mask):
     return scores.softmax(-1) @ v
 
 
-@pytest.mark.parametrize("isa", RUNNABLE)
+@pytest.mark.parametrize("isa", RUNNABLE_ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,keys", [(8, 8, 128, 1), (8, 2, 128, 37), (4, 1, 20, 300)])
 def test_kernel_matches_attention_in_float64(isa, dtype, heads, kv_heads, head_dim, keys):

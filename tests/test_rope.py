@@ -4,10 +4,8 @@ import pytest
 import torch
 
 import tp.cpu_kernels as kernels
+from conftest import RUNNABLE_ISAS
 from tp import model as model_module
-
-HOST_ISA = kernels.host_isa()
-RUNNABLE = [isa for isa in ("avx2", "avx512") if isa == HOST_ISA or (isa == "avx2" and HOST_ISA == "avx512")]
 
 
 def _torch_rope(x, cos, sin):
@@ -15,7 +13,7 @@ def _torch_rope(x, cos, sin):
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-@pytest.mark.parametrize("isa", RUNNABLE)
+@pytest.mark.parametrize("isa", RUNNABLE_ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch,tokens,head_dim", [(1, 1, 128), (3, 7, 64), (2, 40, 20)])
 def test_kernel_equals_torchs_elementwise_rope(isa, dtype, batch, tokens, head_dim):

@@ -6,17 +6,15 @@ import torch
 import torch.nn.functional as F
 
 import tp.cpu_kernels as kernels
+from conftest import RUNNABLE_ISAS
 from tp.model import RMSNorm
-
-HOST_ISA = kernels.host_isa()
-RUNNABLE = [isa for isa in ("avx2", "avx512") if isa == HOST_ISA or (isa == "avx2" and HOST_ISA == "avx512")]
 
 
 def _torch_path(x, weight, eps):
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
-@pytest.mark.parametrize("isa", RUNNABLE)
+@pytest.mark.parametrize("isa", RUNNABLE_ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,dim", [(1, 2048), (3, 20), (16, 4096)])
 def test_kernel_matches_torchs_rms_norm(isa, dtype, rows, dim):
@@ -55,7 +53,7 @@ def test_kernel_refuses_bad_input_with_a_message():
         op(torch.randn(8), torch.randn(8), 1e-6)
 
 
-@pytest.mark.parametrize("isa", RUNNABLE)
+@pytest.mark.parametrize("isa", RUNNABLE_ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_swiglu_kernel_matches_torchs_silu_times_up(isa, dtype):
     op = kernels.build(isa).swiglu
