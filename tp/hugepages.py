@@ -3,9 +3,10 @@ tensor's memory before it is first written, so the kernel backs it with 2 MiB pa
 
 Why: batch-1 decode streams every weight once per token. With 4 KiB pages a weight row of a few KiB
 is a page of its own: a TLB miss, and a restart of the hardware prefetcher, per row and stream.
-On an AMD EPYC (2 cores) the same bfloat16 decode step took 41.1 ms on huge pages against 42.9 ms
-without (tp.hugepages off via INTERNLM_TP_HUGEPAGES=0; bench/decode.py measures the read roofline on
-both kinds of page, so the gain is not counted twice).
+On an AMD EPYC (2 cores) a bfloat16 decode step took 41.1 ms on huge pages against 42.9 ms without,
+with the earlier gemv (measured by turning torch's THP_MEM_ALLOC_ENABLE on and off, before this
+module). bench/decode.py reads its roofline on both kinds of page, so the gain is not counted twice.
+INTERNLM_TP_HUGEPAGES=0 turns it off.
 
 Hosts with THP "always" already get them, "never" cannot; with "madvise" (the common default) only
 memory advised like this does. Elsewhere (not Linux, no madvise) nothing changes.
