@@ -47,7 +47,7 @@ def test_kernel_matches_attention_in_float64(isa, dtype, heads, kv_heads, head_d
 
 
 def test_kernel_refuses_bad_input_with_a_message():
-    op = kernels.decode_attention()
+    op = kernels.op("decode_attention")
     q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 5, 16)
     with pytest.raises(RuntimeError, match="q: contiguous \\[B, H, 1, D\\]"):
         op(torch.randn(1, 4, 2, 16), k, k, 1.0, None)

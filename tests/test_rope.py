@@ -32,17 +32,17 @@ def test_kernel_equals_torchs_elementwise_rope(isa, dtype, batch, tokens, head_d
 
 def test_model_uses_the_kernel_on_the_cpu(monkeypatch):
     calls = []
-    real = kernels.rope()
-    monkeypatch.setattr(kernels, "rope", lambda: lambda x, c, s: calls.append(x.shape) or real(x, c, s))
+    real = kernels.op("rope")
+    monkeypatch.setattr(kernels, "op", lambda name: lambda x, c, s: calls.append((name, x.shape)) or real(x, c, s))
     x, cos, sin = torch.randn(1, 2, 1, 8), torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
     torch.testing.assert_close(model_module.apply_rope(x, cos, sin), _torch_rope(x, cos, sin), rtol=0, atol=0)
-    assert calls == [(1, 2, 1, 8)]
-    monkeypatch.setattr(kernels, "rope", lambda: None)  # no kernel built: torch's path, same values
+    assert calls == [("rope", (1, 2, 1, 8))]
+    monkeypatch.setattr(kernels, "op", lambda name: None)  # no kernel built: torch's path, same values
     torch.testing.assert_close(model_module.apply_rope(x, cos, sin), _torch_rope(x, cos, sin), rtol=0, atol=0)
 
 
 def test_kernel_refuses_bad_input_with_a_message():
-    op = kernels.rope()
+    op = kernels.op("rope")
     x = torch.randn(1, 2, 3, 8)
     with pytest.raises(RuntimeError, match="cos, sin: contiguous \\[B, 1, T, D\\] in x's dtype"):
         op(x, torch.randn(1, 1, 3, 8).bfloat16(), torch.randn(1, 1, 3, 8))

@@ -36,17 +36,17 @@ def test_module_takes_the_kernel_for_decode_rows_only(monkeypatch):
     norm = RMSNorm(64, 1e-5, torch.float32)
     norm.weight.data.normal_()
     calls = []
-    real = kernels.rms_norm()
-    monkeypatch.setattr(kernels, "rms_norm", lambda: lambda x, w, eps: calls.append(x.shape) or real(x, w, eps))
+    real = kernels.op("rms_norm")
+    monkeypatch.setattr(kernels, "op", lambda name: lambda x, w, eps: calls.append((name, x.shape)) or real(x, w, eps))
     x = torch.randn(2, 1, 64)
     torch.testing.assert_close(norm(x), _torch_path(x, norm.weight, 1e-5), rtol=1e-6, atol=1e-6)
     long = torch.randn(1, 40, 64)  # a prefill: more rows than cpu_kernels.MAX_ROWS
     torch.testing.assert_close(norm(long), _torch_path(long, norm.weight, 1e-5))
-    assert calls == [(2, 64)]
+    assert calls == [("rms_norm", (2, 64))]
 
 
 def test_kernel_refuses_bad_input_with_a_message():
-    op = kernels.rms_norm()
+    op = kernels.op("rms_norm")
     with pytest.raises(RuntimeError, match="weight: \\[D\\] in x's dtype"):
         op(torch.randn(2, 8), torch.randn(8).bfloat16(), 1e-6)
     with pytest.raises(RuntimeError, match="x: contiguous \\[M, D\\]"):

@@ -135,33 +135,24 @@ def gemv():
     """gemv(x [M, K] float32|bfloat16, w [N, K] float32|bfloat16|int8, scale float32 [N] | None,
     bias [N] | None) -> [M, N] in x's dtype, or None where the kernels are not available; built once
     per process."""
+    return op("gemv")
+
+
+def op(name: str):
+    """The op `name` of the extension (gemv, decode_attention, rms_norm, rope, swiglu: each source in
+    tp/csrc states its inputs and outputs), or None where the kernels are not available."""
     ops = _ops()
-    return None if ops is None else ops.gemv
+    return None if ops is None else getattr(ops, name)
 
 
-def decode_attention():
-    """decode_attention(q [B, H, 1, D], k [B, KVH, L, D], v, scale: float, mask bool [B, L] | None)
-    -> [B, H, 1, D] in q's dtype (float32 or bfloat16), or None where the kernels are not available."""
-    ops = _ops()
-    return None if ops is None else ops.decode_attention
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # the activations the kernels take
 
 
-def rms_norm():
-    """rms_norm(x [M, D] float32|bfloat16, weight [D], eps: float) -> [M, D], or None where the
-    kernels are not available."""
-    ops = _ops()
-    return None if ops is None else ops.rms_norm
-
-
-def rope():
-    """rope(x [B, H, T, D] float32|bfloat16, cos [B, 1, T, D], sin) -> [B, H, T, D] contiguous, or None
-    where the kernels are not available."""
-    ops = _ops()
-    return None if ops is None else ops.rope
-
-
-def swiglu():
-    """swiglu(gate_up [M, 2I] float32|bfloat16) -> silu(gate) * up [M, I], or None where the kernels
-    are not available."""
-    ops = _ops()
-    return None if ops is None else ops.swiglu
+def op_for(name: str, x: torch.Tensor, max_rows: int | None = None):
+    """op(name) where it serves activations `x`, else None (take torch's path): x off the CPU or of
+    another dtype, more than `max_rows` rows (the leading dimensions), or no kernels built."""
+    if x.device.type != "cpu" or x.dtype not in KERNEL_DTYPES:
+        return None
+    if max_rows is not None and x.numel() // x.shape[-1] > max_rows:
+        return None
+    return op(name)

@@ -31,8 +31,8 @@ _CALLS, _PASSES = 20, 3
 def candidates(dtype: torch.dtype) -> list[str]:
     """The paths for `dtype` activations on the CPU, ours first."""
     mode = cpu_kernels.choice()
-    ours = (mode != "torch" and dtype in (torch.float32, torch.bfloat16)
-            and cpu_kernels.decode_attention() is not None)
+    ours = (mode != "torch" and dtype in cpu_kernels.KERNEL_DTYPES
+            and cpu_kernels.op("decode_attention") is not None)
     if ours and mode == "ours":
         return ["ours"]
     return ["ours", "sdpa"] if ours else ["sdpa"]
@@ -43,7 +43,7 @@ def run(path: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     """q [B, H, 1, D], k and v [B, KVH, L, D], mask bool [B, 1, 1, L] or None -> [B, H, 1, D]."""
     if path == "ours":
         keys = None if mask is None else mask.reshape(mask.shape[0], mask.shape[-1])
-        return cpu_kernels.decode_attention()(q.contiguous(), k, v, scale, keys)
+        return cpu_kernels.op("decode_attention")(q.contiguous(), k, v, scale, keys)
     if path == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                               enable_gqa=k.shape[1] != q.shape[1])

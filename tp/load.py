@@ -155,7 +155,8 @@ def load_model(path: str | Path, rank: int = 0, world_size: int = 1, device: tor
     if device.type == "cpu":
         if advised:
             log.info("weights: %.0f MB advised for transparent huge pages, %.0f MB landed on them",
-                     advised / 1e6, hugepages.huge_bytes(model.parameters()) / 1e6)  # measured now, not inside the first timed step
+                     advised / 1e6, hugepages.huge_bytes(model.parameters()) / 1e6)
+        # measured now, not inside the first timed step
         decode_matmul.choose(model.matmul_modules(), model.dtype)
         decode_matmul.choose_prefill(model.matmul_modules(), model.dtype)
         decode_attention.choose(model.attentions(), model.dtype)

@@ -30,11 +30,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # As transformers' LlamaRMSNorm: normalise in float32, round to the input dtype, then scale.
         # Decode rows on the CPU: the same in one call of tp/csrc/rms_norm.cpp instead of seven.
-        rows = x.numel() // x.shape[-1]
-        if x.device.type == "cpu" and rows <= MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16):
-            op = cpu_kernels.rms_norm()
-            if op is not None:
-                return op(x.reshape(rows, x.shape[-1]).contiguous(), self.weight, self.eps).view(x.shape)
+        op = cpu_kernels.op_for("rms_norm", x, MAX_ROWS)
+        if op is not None:
+            return op(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.eps).view(x.shape)
         # F.rms_norm does the normalisation in one kernel instead of five.
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
@@ -68,10 +66,9 @@ def rope_tables(cfg: ModelConfig, length: int, device=None) -> tuple[torch.Tenso
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
-        op = cpu_kernels.rope()  # the same roundings in one call instead of six
-        if op is not None:
-            return op(x, cos, sin)
+    op = cpu_kernels.op_for("rope", x)  # the same roundings in one call instead of six
+    if op is not None:
+        return op(x, cos, sin)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -135,11 +132,9 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate_up = self.gate_up_proj(x)
-        rows = gate_up.numel() // gate_up.shape[-1]
-        if gate_up.device.type == "cpu" and rows <= MAX_ROWS and gate_up.dtype in (torch.float32, torch.bfloat16):
-            op = cpu_kernels.swiglu()  # decode rows: one call instead of three
-            if op is not None:
-                return self.down_proj(op(gate_up.reshape(rows, -1)).view(*gate_up.shape[:-1], -1))
+        op = cpu_kernels.op_for("swiglu", gate_up, MAX_ROWS)  # decode rows: one call instead of three
+        if op is not None:
+            return self.down_proj(op(gate_up.reshape(-1, gate_up.shape[-1])).view(*gate_up.shape[:-1], -1))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
