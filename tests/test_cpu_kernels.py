@@ -44,7 +44,8 @@ def _weights(kind: str, n: int, k: int, g: torch.Generator):
 def test_kernel_is_float32_exact_up_to_summation_rounding(isa, kind, x_dtype, rows, k):
     """Against the product in float64: float32 rounding of the K-term sum (and of the scale and bias)
     is all that may separate them, bound (K + 3) * 2^-24 of the sum of |terms|; bfloat16 outputs add
-    one bfloat16 rounding of the result."""
+    one bfloat16 rounding of the result, and int8 weights with bfloat16 activations the rounding of
+    x to int16 blocks."""
     op = kernels.build(isa).gemv
     g = torch.Generator().manual_seed(rows * 1000 + k)
     n = 4097 if k == 2048 else 389
@@ -61,9 +62,63 @@ def test_kernel_is_float32_exact_up_to_summation_rounding(isa, kind, x_dtype, ro
     exact = x.double() @ exact_w.t() + bias.double()
     magnitude = x.double().abs() @ exact_w.abs().t() + bias.double().abs()
     bound = (k + 3) * 2 ** -24 * magnitude
+    if kind == "int8" and x_dtype == torch.bfloat16:
+        # x as int16 per block of 32 (gemv.cpp's BlockedX): each element off by at most 2^-15 of its
+        # block's largest |x|; the K % 32 tail stays exact.
+        blocks = k // 32
+        largest = x[:, :blocks * 32].double().abs().reshape(rows, blocks, 32).amax(-1)
+        x_error = torch.zeros(rows, k, dtype=torch.float64)
+        x_error[:, :blocks * 32] = largest.repeat_interleave(32, dim=1) * 2 ** -15
+        bound = bound + x_error @ exact_w.abs().t()
     if x_dtype == torch.bfloat16:
         bound = bound + exact.abs() * 2 ** -8
     assert ((y.double() - exact).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("isa", RUNNABLE_ISAS)
+def test_int8_weights_with_bfloat16_activations_exact_within_a_block_range_of_2_to_the_7(isa):
+    """bfloat16 activations meet int8 weights as int16 blocks of 32: every element within 2^7 of its
+    block's largest is carried exactly, so integer data (sums under 2^24) come out exactly as the
+    integer product, rounded once to bfloat16."""
+    op = kernels.build(isa).gemv
+    g = torch.Generator().manual_seed(7)
+    k, n = 256 + 5, 67  # 8 whole blocks and a tail of 5
+    x = torch.randint(-100, 101, (3, k), generator=g).float()
+    x[:, ::32] = 100.0  # each block's largest is 100: every nonzero integer is within 2^7 of it
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    y = op(x.to(torch.bfloat16), w, torch.ones(n), None)
+    exact = (x.double() @ w.double().t()).to(torch.bfloat16)
+    assert torch.equal(y, exact)
+
+
+@pytest.mark.parametrize("isa", RUNNABLE_ISAS)
+def test_int8_weights_with_bfloat16_activations_round_small_elements_within_the_bound(isa):
+    """Elements far below their block's largest round to 2^-16 of it (2^-15 bounds it): the result
+    moves by no more than that bound, and is not exact (the rounding is real, not skipped)."""
+    op = kernels.build(isa).gemv
+    g = torch.Generator().manual_seed(8)
+    k, n = 512, 129
+    x = (torch.randn(1, k, generator=g) * 2 ** -9).to(torch.bfloat16)
+    x[0, ::32] = 2.0 ** 10  # 2^19 above the rest: they keep only their top bits
+    q, scale = quantize_rows(torch.randn(n, k, generator=g))
+    w = q.double() * scale.double()[:, None]
+    y = op(x, q, scale, None).double()
+    through_float = op(x.float(), q, scale, None).double()
+    x_error = torch.full((1, k), 2.0 ** 10 * 2 ** -15, dtype=torch.float64)
+    bound = x_error @ w.abs().t() + (k + 3) * 2 ** -24 * (x.double().abs() @ w.abs().t())
+    exact = x.double() @ w.t()
+    assert ((y - exact).abs() <= bound + exact.abs() * 2 ** -8).all()
+    assert not torch.equal(y, through_float.to(torch.bfloat16).double())
+
+
+@pytest.mark.parametrize("isa", RUNNABLE_ISAS)
+def test_int8_weights_with_bfloat16_activations_carry_nan_and_inf(isa):
+    op = kernels.build(isa).gemv
+    x = torch.ones(3, 64, dtype=torch.bfloat16)
+    x[1, 40], x[2, 3] = float("nan"), float("inf")
+    y = op(x, torch.ones(5, 64, dtype=torch.int8), torch.ones(5), None)
+    assert torch.equal(y[0], torch.full((5,), 64.0, dtype=torch.bfloat16))
+    assert y[1:].isnan().all()
 
 
 def test_kernel_refuses_bad_input_with_a_message():

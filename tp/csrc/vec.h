@@ -1,7 +1,7 @@
 // The vector width of a build and the few operations the CPU kernels use (tp/csrc/gemv.cpp,
 // tp/csrc/decode_attention.cpp): AVX-512 (16 floats) where the build has it, else AVX2 + FMA (8).
 // bfloat16 and int8 values are widened to float32 in registers (a shift, or a sign-extend and
-// convert): these kernels are limited by loads, not by arithmetic.
+// convert), or int8 meets int16 in integer multiply-adds (dot_block: gemv.cpp's blocked int8 path).
 #pragma once
 #include <c10/util/BFloat16.h>
 
@@ -10,6 +10,10 @@
 #include <cstdint>
 
 namespace cpu_vec {
+
+// Elements in one int8 x int16 block (dot_block). Each float lane of dot_block sums at most 4 products
+// of |int8| <= 127 and |int16| <= 32767: under 16.7M < 2^24, so the conversion to float32 is exact.
+constexpr int kBlock = 32;
 
 #if defined(__AVX512F__)
 constexpr int kWidth = 16;
@@ -28,6 +32,29 @@ inline vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline vec broadcast(float v) { return _mm512_set1_ps(v); }
 inline void store(float* p, vec v) { _mm512_storeu_ps(p, v); }
 inline float sum(vec v) { return _mm512_reduce_add_ps(v); }
+// int8 weights against int16 activations, kBlock of each (gemv.cpp's blocked int8 path).
+struct i16_block { __m512i v; };
+inline i16_block load_block(const int16_t* p) { return {_mm512_loadu_si512(p)}; }
+inline i16_block widen_block(const int8_t* p) {
+  return {_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+}
+// The largest |x| of a block, as its float32 bits (an integer compare orders non-negative floats, inf
+// and NaN above every finite value).
+inline int32_t max_abs_bits(const float* p) {
+  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+  const __m512i a = _mm512_and_si512(_mm512_loadu_si512(p), magnitude);
+  const __m512i b = _mm512_and_si512(_mm512_loadu_si512(p + 16), magnitude);
+  return _mm512_reduce_max_epi32(_mm512_max_epi32(a, b));
+}
+// q = round(x * up) for a block (round to nearest even; |x * up| < 2^15 by the caller's choice of up).
+inline void round_block(const float* p, float up, int16_t* q) {
+  const __m512 u = _mm512_set1_ps(up);
+  for (int h = 0; h < 2; ++h)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 16 * h),
+                        _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(p + 16 * h), u))));
+}
+// The block's 32 products summed in pairs, 16 lanes of float32.
+inline vec dot_block(i16_block a, i16_block b) { return _mm512_cvtepi32_ps(_mm512_madd_epi16(a.v, b.v)); }
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int kWidth = 8;
 constexpr int kXRows = 2;  // 4 x 2 accumulators, leaving registers for x and W among AVX2's 16
@@ -48,6 +75,38 @@ inline float sum(vec v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+inline int32_t max_abs_bits(const float* p) {
+  const __m256i magnitude = _mm256_set1_epi32(0x7fffffff);
+  __m256i m = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), magnitude);
+  for (int i = 1; i < 4; ++i)
+    m = _mm256_max_epi32(m, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 8 * i)), magnitude));
+  __m128i h = _mm_max_epi32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+  h = _mm_max_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+  h = _mm_max_epi32(h, _mm_shuffle_epi32(h, 0xb1));
+  return _mm_cvtsi128_si32(h);
+}
+inline void round_block(const float* p, float up, int16_t* q) {
+  const __m256 u = _mm256_set1_ps(up);
+  for (int h = 0; h < 2; ++h) {
+    const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p + 16 * h), u));
+    const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p + 16 * h + 8), u));
+    // packs works per 128-bit lane: a0-3 b0-3 a4-7 b4-7; the permute puts a before b.
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 16 * h), _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xd8));
+  }
+}
+struct i16_block { __m256i lo, hi; };
+inline i16_block load_block(const int16_t* p) {
+  return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16))};
+}
+inline i16_block widen_block(const int8_t* p) {
+  return {_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)))};
+}
+// The block's 32 products summed in fours, 8 lanes of float32.
+inline vec dot_block(i16_block a, i16_block b) {
+  return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(a.lo, b.lo), _mm256_madd_epi16(a.hi, b.hi)));
 }
 #else
 #error "the CPU kernels need AVX-512 or AVX2 + FMA"
