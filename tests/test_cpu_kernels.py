@@ -275,24 +275,75 @@ def test_build_waits_for_a_live_build_and_clears_a_dead_ones_lock(tmp_path):
     assert "left by a build that did not finish" in err and not (directory / "lock").exists()
 
 
-def test_prefill_compute_dtype_is_measured_and_used(monkeypatch):
-    """bfloat16 prefill GEMMs run in float32 on weight blocks where that is faster here (CPUs without
-    bfloat16 dot products), else natively; the result is the same product either way."""
+def _fake_prefill_clock(monkeypatch, cost):
+    """decode_matmul's prefill timings made to read cost(compute, rows) seconds for each candidate."""
+    last = {}
+    real = decode_matmul._prefill
+
+    def recorded(w, scale, x, compute, rows=None):
+        last["key"] = (compute, rows)
+        return real(w, scale, x, compute, rows)
+
+    def timed(fn):
+        fn()
+        return cost(*last["key"])
+
+    monkeypatch.setattr(decode_matmul, "_prefill", recorded)
+    monkeypatch.setattr(decode_matmul, "_timed", timed)
+
+
+def _layers(n_rows, n_cols, dtype, count=2):
     from tp.layers import ColumnParallelLinear
-    layers = [ColumnParallelLinear(64, 32, 1, True, torch.bfloat16) for _ in range(2)]
+    layers = [ColumnParallelLinear(n_cols, n_rows, 1, True, dtype) for _ in range(count)]
     for layer in layers:
         torch.nn.init.normal_(layer.weight)
         torch.nn.init.normal_(layer.bias)
-    assert decode_matmul.choose_prefill(layers, torch.bfloat16) is None, "cache-resident: not timed"
+    return layers
+
+
+def test_prefill_compute_dtype_is_measured_and_used(monkeypatch):
+    """bfloat16 prefill GEMMs run in float32 on weight blocks where that is faster here (CPUs without
+    bfloat16 dot products), else natively; the result is the same product either way."""
+    layers = _layers(32, 64, torch.bfloat16)
+    assert decode_matmul.choose_prefill(layers, torch.bfloat16) == (None, None), "cache-resident: not timed"
     monkeypatch.setattr(decode_matmul, "MIN_MEASURED_BYTES", 0)
-    assert decode_matmul.choose_prefill(layers, torch.float32) is None, "float32 activations: nothing to choose"
-    clock = iter([0.0, 1.0, 0.0, 1.0, 0.0, 0.1, 0.0, 0.1] * 2)  # native 1 s, float32 0.1 s
-    monkeypatch.setattr(decode_matmul.time, "perf_counter", lambda: next(clock))
-    assert decode_matmul.choose_prefill(layers, torch.bfloat16) == torch.float32
+    assert decode_matmul.choose_prefill(_layers(32, 64, torch.float32), torch.float32) == (None, None), \
+        "float32: no dtype to choose (and 32 rows: no block size under them)"
+    _fake_prefill_clock(monkeypatch, lambda compute, rows: 0.1 if compute == torch.float32 else 1.0)
+    assert decode_matmul.choose_prefill(layers, torch.bfloat16) == (torch.float32, None)
     assert all(m.prefill_compute == torch.float32 for m in layers)
     x = torch.randn(1, 40, 64).to(torch.bfloat16)  # 40 rows: past MAX_ROWS, a prefill
     exact = x.double() @ layers[0].weight.double().t() + layers[0].bias.double()
     assert torch.allclose(layers[0](x).double(), exact, rtol=2e-2, atol=2e-2 * exact.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_gemm_blocks_are_measured_and_give_the_same_product(monkeypatch, dtype):
+    """Prefill GEMMs over blocks of a weight's rows where that is MARGIN faster than one GEMM (MKL on
+    an AMD EPYC); the LM head, which prefill sends one row, is not what is timed; same product."""
+    from tp.layers import ParallelLMHead
+    monkeypatch.setattr(decode_matmul, "MIN_MEASURED_BYTES", 0)
+    monkeypatch.setattr(decode_matmul, "PREFILL_GEMM_ROWS", (16, 8))
+    layers = _layers(40, 64, dtype)
+    head = ParallelLMHead(64, 512, 500, 1, dtype)  # larger than the layers: must not be the one timed
+    torch.nn.init.normal_(head.weight)
+    timed_rows = set()
+
+    def cost(compute, rows):
+        timed_rows.add(rows)
+        return {None: 1.0, 16: 0.95, 8: 0.5}[rows]  # 16: within MARGIN of unblocked, 8: past it
+
+    _fake_prefill_clock(monkeypatch, cost)
+    compute, rows = decode_matmul.choose_prefill([*layers, head], dtype)
+    assert rows == 8 and timed_rows == {None, 16, 8}, "every block size under the layer's 40 rows was timed"
+    assert all(m.prefill_rows == 8 for m in [*layers, head])
+    x = torch.randn(1, 40, 64).to(dtype)
+    exact = x.double() @ layers[0].weight.double().t() + layers[0].bias.double()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(layers[0](x).double(), exact, rtol=tol, atol=tol * exact.abs().max().item())
+    _fake_prefill_clock(monkeypatch, lambda compute, rows: {None: 1.0, 16: 0.95, 8: 0.95}[rows])
+    assert decode_matmul.choose_prefill(layers, dtype)[1] is None, "no block MARGIN faster: one GEMM"
+    assert layers[0].prefill_rows is None
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
@@ -303,7 +354,7 @@ def test_every_isa_build_compiles_on_this_host(isa, tmp_path):
     from torch.utils.cpp_extension import include_paths
     includes = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
     for source in kernels._SOURCES:
-        cmd = ["g++", "-std=c++20", "-fPIC", "-O1", *kernels.ISA_FLAGS[isa], "-fopenmp", "-ffp-contract=off",
+        cmd = ["g++", "-std=c++20", "-fPIC", "-O1", *kernels.ISA_FLAGS[isa], *kernels.COMMON_FLAGS,
                f"-DOPS_NAMESPACE=internlm_tp_{isa}_check", *includes, "-c", str(source), "-o", str(tmp_path / "o.o")]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, f"{source.name} for {isa}:\n{proc.stderr[-3000:]}"

@@ -65,6 +65,20 @@ def test_dequantized_linear_in_blocks_equals_one_block(monkeypatch):
     assert torch.equal(quant.dequantized_linear(x, q, scale), whole)
 
 
+def test_dequantized_linear_rows_per_gemm_and_scratch_made_under_inference_mode(monkeypatch):
+    """rows_per_gemm blocks (float weights multiplied in place, int8 through the scratch) give the
+    one-GEMM product; a scratch first made under inference_mode (load-time measurements) still
+    serves a later call outside it."""
+    import tp.quant as quant
+    monkeypatch.setattr(quant, "_scratch", {})
+    x, w, q, scale = _quantized_product(40, 64, torch.float32, n=1000)
+    with torch.inference_mode():
+        quant.dequantized_linear(x, q, scale, rows_per_gemm=300)
+    blocked = quant.dequantized_linear(x, q, scale, rows_per_gemm=300)
+    assert torch.allclose(blocked, x @ (q.float() * scale[:, None]).t(), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(quant.dequantized_linear(x, w, None, rows_per_gemm=300), x @ w.t(), rtol=1e-5, atol=1e-5)
+
+
 def test_which_tensors_are_quantized():
     assert is_quantized("model.layers.3.self_attn.q_proj.weight", "int8")
     assert is_quantized("model.layers.3.mlp.down_proj.weight", "int8")

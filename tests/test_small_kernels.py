@@ -67,3 +67,17 @@ def test_swiglu_kernel_matches_torchs_silu_times_up(isa, dtype):
         bound = 2 ** -7 * (F.silu(gate).float() * up.float()).abs() + 2 ** -8 * expected.float().abs()
         assert ((y.float() - expected.float()).abs() <= bound).all()
         assert (y == expected).float().mean() > 0.99, "nearly every element rounds alike"
+
+
+@pytest.mark.parametrize("isa", RUNNABLE_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_kernel_matches_torch_at_the_edges_of_exp(isa, dtype):
+    """The kernel's own e^x (tp/csrc/swiglu.cpp) where it clamps, overflows and underflows, and on
+    infinities and NaN: what torch's silu gives."""
+    op = kernels.build(isa).swiglu
+    gate = torch.tensor([float("-inf"), -100.0, -88.8, -88.5, -87.5, -87.2, -20.0, -1e-3, 0.0, 1e-3, 5.0, 80.0,
+                         88.8, 100.0, float("inf"), float("nan")])
+    gate_up = torch.cat([gate, torch.full_like(gate, 1.5)]).to(dtype)[None]
+    expected = F.silu(gate_up[:, :16]) * gate_up[:, 16:]
+    tol = 1e-6 if dtype == torch.float32 else 2 ** -7
+    torch.testing.assert_close(op(gate_up), expected, rtol=tol, atol=0, equal_nan=True)

@@ -2,8 +2,10 @@
 tp/csrc/gemv.cpp (decode matmuls in float32, bfloat16 and int8), tp/csrc/decode_attention.cpp
 (attention for one new token per sequence), and for the small steps between, each one call where
 torch makes several: tp/csrc/rms_norm.cpp, tp/csrc/rope.cpp, tp/csrc/swiglu.cpp; one extension
-sharing tp/csrc/vec.h. -ffp-contract=off: a
-product and a sum stay two roundings, as in torch's elementwise ops, never one fused multiply-add.
+sharing tp/csrc/vec.h. -ffp-contract=off: a product and a sum stay two roundings, as in torch's
+elementwise ops, never one fused multiply-add. -fno-trapping-math (as torch's own build): with no
+floating-point traps to preserve, the compiler may turn a select into a blend and vectorize loops
+with one (swiglu's); the value of every operation stays IEEE's.
 
 torch.utils.cpp_extension compiles them (g++ and ninja, ~20 s once, then cached under
 $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions): with AVX-512 where torch reports that capability,
@@ -31,6 +33,7 @@ _SOURCES = [Path(__file__).with_name("csrc") / name for name in ("gemv.cpp", "de
 _NAMES = ", ".join(source.name for source in _SOURCES)
 # The flags per ISA: the kernel's vector width follows them (tp/csrc/gemv.cpp).
 ISA_FLAGS = {"avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"], "avx2": ["-mavx2", "-mfma"]}
+COMMON_FLAGS = ["-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
 _state: dict[str, object] = {}
 log = logging.getLogger("internlm_tp")
 
@@ -101,7 +104,7 @@ def build(isa: str):
     directory = _build_directory(isa)
     with _tools_on_path(), _one_build_at_a_time(directory):
         load(name=namespace, sources=[str(source) for source in _SOURCES], build_directory=str(directory), is_python_module=False,
-             extra_cflags=["-O3", *ISA_FLAGS[isa], f"-DOPS_NAMESPACE={namespace}", "-fopenmp", "-ffp-contract=off"],
+             extra_cflags=["-O3", *ISA_FLAGS[isa], f"-DOPS_NAMESPACE={namespace}", *COMMON_FLAGS],
              extra_ldflags=_openmp_runtime())
     return getattr(torch.ops, namespace)
 

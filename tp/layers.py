@@ -31,6 +31,8 @@ class _Weight(nn.Module):
 
     decode_path: str | None = None
     prefill_compute: torch.dtype | None = None  # float32: prefill GEMMs on weights converted to it
+    prefill_rows: int | None = None  # at most this many weight rows per prefill GEMM (None: no limit)
+    many_prefill_rows = True  # whether prefill sends it every position (what prefill choices are timed on)
 
     def _make_weight(self, rows: int, cols: int, quantized: bool, dtype: torch.dtype, device) -> None:
         self.quantized, self.dtype = quantized, dtype
@@ -45,12 +47,12 @@ class _Weight(nn.Module):
                 self.decode_path = decode_matmul.candidates(self.weight, x.dtype)[0]
             y = decode_matmul.run(self.decode_path, x.reshape(rows, k), self.weight, self.weight_scale, bias)
             return y.view(*lead, self.weight.shape[0])
-        if not self.quantized and self.prefill_compute is None:
+        if not self.quantized and self.prefill_compute is None and self.prefill_rows is None:
             return F.linear(x, self.weight, bias)
         if self.quantized:
-            y = int8_linear(x, self.weight, self.weight_scale, self.prefill_compute)
+            y = int8_linear(x, self.weight, self.weight_scale, self.prefill_compute, self.prefill_rows)
         else:
-            y = dequantized_linear(x, self.weight, None, self.prefill_compute)
+            y = dequantized_linear(x, self.weight, None, self.prefill_compute, self.prefill_rows)
         return y if bias is None else y.add_(bias)
 
 
@@ -121,6 +123,8 @@ class VocabParallelEmbedding(_Weight):
 class ParallelLMHead(_Weight):
     """Logits for this rank's vocabulary slice, gathered from all ranks; the zero padding rows are cut
     off, so every rank ends with the same [..., vocab_size] logits."""
+
+    many_prefill_rows = False  # prefill runs only the last position through it (InternLM.forward)
 
     def __init__(self, hidden: int, padded_vocab: int, vocab_size: int, world_size: int,
                  dtype: torch.dtype, device=None, quantized: bool = False):

@@ -67,25 +67,37 @@ def _scratch_rows(rows: int, cols: int, dtype: torch.dtype, device: torch.device
     faults, ~7x the int8-to-bfloat16 conversion written into it (15 vs 2 ms for 11008 x 2048)."""
     buf = _scratch.get((dtype, device))
     if buf is None or buf.numel() < rows * cols:
-        buf = _scratch[(dtype, device)] = torch.empty(rows * cols, dtype=dtype, device=device)
+        # a normal tensor even when first made under inference_mode (the load-time measurements):
+        # an inference tensor could not be written by a later call outside it
+        with torch.inference_mode(False):
+            buf = _scratch[(dtype, device)] = torch.empty(rows * cols, dtype=dtype, device=device)
     return buf[: rows * cols].view(rows, cols)
 
 
 def dequantized_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None,
-                       compute: torch.dtype | None = None) -> torch.Tensor:
+                       compute: torch.dtype | None = None, rows_per_gemm: int | None = None) -> torch.Tensor:
     """x @ (q * scale[:, None]).T through the float GEMM of `compute` (default x's dtype), a block of
     weight rows at a time converted into reused scratch (bounded memory, and the block is still in
     cache for the GEMM), then the per-row scales applied to the result in its dtype (mixed-dtype
     multiplies take a slow path on the CPU: 8x). `q` may be int8 or a float dtype (scale None): on a
-    CPU without native bfloat16 GEMMs, bfloat16 weights through a float32 GEMM are ~7x faster."""
+    CPU without native bfloat16 GEMMs, bfloat16 weights through a float32 GEMM are ~7x faster; a
+    weight already in `compute` is multiplied in place, a block at a time.
+    rows_per_gemm: at most this many weight rows per GEMM (tp.decode_matmul.choose_prefill measures
+    whether smaller GEMMs are faster on this host; None: as many as the scratch holds)."""
     compute = compute or x.dtype
     xc = x.to(compute)
     block = max(1, _DEQUANT_BLOCK_BYTES // max(1, q.shape[1] * xc.element_size()))
-    parts = []
-    for i in range(0, q.shape[0], block):
-        rows = q[i:i + block]
-        parts.append(F.linear(xc, _scratch_rows(*rows.shape, compute, x.device).copy_(rows)))
-    y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    if rows_per_gemm:
+        block = min(block, rows_per_gemm)
+    if q.dtype == compute and block >= q.shape[0]:
+        y = F.linear(xc, q)
+    else:
+        parts = []
+        for i in range(0, q.shape[0], block):
+            rows = q[i:i + block]
+            w = rows if rows.dtype == compute else _scratch_rows(*rows.shape, compute, x.device).copy_(rows)
+            parts.append(F.linear(xc, w))
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
     if scale is not None:
         y = y.mul_(scale.to(y.dtype))
     return y.to(x.dtype)
@@ -94,7 +106,8 @@ def dequantized_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | N
 _told: set[str] = set()
 
 
-def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, compute: torch.dtype | None = None) -> torch.Tensor:
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, compute: torch.dtype | None = None,
+                rows_per_gemm: int | None = None) -> torch.Tensor:
     """x @ (q * scale[:, None]).T without materialising the whole float weight; `scale` is float32.
 
     For prefill-sized inputs (a few rows of x on the CPU go through tp.decode_matmul's choice instead):
@@ -113,4 +126,4 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, compute: 
     if why and why not in _told:
         _told.add(why)
         log.info("int8 on %s: %s; dequantizing instead", x.device.type, why)
-    return dequantized_linear(x, q, scale, compute)
+    return dequantized_linear(x, q, scale, compute, rows_per_gemm)
