@@ -8,9 +8,12 @@ import torch.multiprocessing as mp
 from conftest import free_port
 
 
-def _rank(rank, world, port, out, choice, skip_rank):
+def _rank(rank, world, port, out, choice, skip_rank, native):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # the C++ copy-wait-sum (tp/csrc/shm_comm.cpp) where the kernels are built; without them
+    # (INTERNLM_TP_GEMV=torch here), the same protocol in Python
+    os.environ["INTERNLM_TP_GEMV"] = "auto" if native else "torch"
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -22,7 +25,7 @@ def _rank(rank, world, port, out, choice, skip_rank):
     small = torch.randn(1, 1, 192, generator=g)
     big = torch.randn(1500, 1000, generator=g)  # 6 MB: two pieces through the 4 MB shared-memory slot
     bf16 = torch.randn(3, 64, generator=g).bfloat16()
-    result = {"kind": type(c).__name__}
+    result = {"kind": type(c).__name__, "native": getattr(c, "native", None) is not None}
     if rank == skip_rank:  # a peer that never reaches the collective
         dist.barrier()
         torch.save(result, os.path.join(out, f"{rank}.pt"))
@@ -50,16 +53,18 @@ def _rank(rank, world, port, out, choice, skip_rank):
     torch.save(result, os.path.join(out, f"{rank}.pt"))
 
 
-def spawn(world, tmp_path, choice="auto", skip_rank=None):
-    mp.start_processes(_rank, args=(world, free_port(), str(tmp_path), choice, skip_rank), nprocs=world,
+def spawn(world, tmp_path, choice="auto", skip_rank=None, native=True):
+    mp.start_processes(_rank, args=(world, free_port(), str(tmp_path), choice, skip_rank, native), nprocs=world,
                        start_method="spawn")
     return [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(world)]
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("world", [2, 3])
-def test_shared_memory_collectives_equal_gloo(world, tmp_path):
-    ranks = spawn(world, tmp_path)
+def test_shared_memory_collectives_equal_gloo(world, native, tmp_path):
+    ranks = spawn(world, tmp_path, native=native)
     assert {r["kind"] for r in ranks} == {"SharedMemoryComm"}
+    assert {r["native"] for r in ranks} == {native}
     for r in ranks:
         for name, y in r["all_reduce"].items():
             exact = r["reference"][name]
@@ -79,8 +84,10 @@ def test_dist_switch_turns_shared_memory_off(tmp_path):
     torch.testing.assert_close(ranks[0]["all_reduce"]["small"].double(), ranks[0]["reference"]["small"])
 
 
-def test_missing_peer_is_an_error_naming_it_not_a_hang(tmp_path):
-    ranks = spawn(2, tmp_path, skip_rank=1)
+@pytest.mark.parametrize("native", [True, False])
+def test_missing_peer_is_an_error_naming_it_not_a_hang(native, tmp_path):
+    ranks = spawn(2, tmp_path, skip_rank=1, native=native)
+    assert ranks[0]["native"] == native
     assert "rank(s) [1] did not reach collective #1 within 2 s" in ranks[0]["error"]
 
 
