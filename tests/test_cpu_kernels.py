@@ -306,7 +306,7 @@ def test_prefill_compute_dtype_is_measured_and_used(monkeypatch):
     bfloat16 dot products), else natively; the result is the same product either way."""
     layers = _layers(32, 64, torch.bfloat16)
     assert decode_matmul.choose_prefill(layers, torch.bfloat16) == (None, None), "cache-resident: not timed"
-    monkeypatch.setattr(decode_matmul, "MIN_MEASURED_BYTES", 0)
+    monkeypatch.setattr(decode_matmul, "PREFILL_MIN_MEASURED_BYTES", 0)
     assert decode_matmul.choose_prefill(_layers(32, 64, torch.float32), torch.float32) == (None, None), \
         "float32: no dtype to choose (and 32 rows: no block size under them)"
     _fake_prefill_clock(monkeypatch, lambda compute, rows: 0.1 if compute == torch.float32 else 1.0)
@@ -322,7 +322,7 @@ def test_prefill_gemm_blocks_are_measured_and_give_the_same_product(monkeypatch,
     """Prefill GEMMs over blocks of a weight's rows where that is MARGIN faster than one GEMM (MKL on
     an AMD EPYC); the LM head, which prefill sends one row, is not what is timed; same product."""
     from tp.layers import ParallelLMHead
-    monkeypatch.setattr(decode_matmul, "MIN_MEASURED_BYTES", 0)
+    monkeypatch.setattr(decode_matmul, "PREFILL_MIN_MEASURED_BYTES", 0)
     monkeypatch.setattr(decode_matmul, "PREFILL_GEMM_ROWS", (16, 8))
     layers = _layers(40, 64, dtype)
     head = ParallelLMHead(64, 512, 500, 1, dtype)  # larger than the layers: must not be the one timed

@@ -44,6 +44,11 @@ CHOOSE_BYTES = 64 << 20  # weights timed per shape and path: past the last-level
 MIN_MEASURED_BYTES = 16 << 20
 MARGIN = 1.1
 PREFILL_ROWS = 64
+# A 64-row GEMM is compute-bound wherever its weight lies, so prefill choices time reliably on weights
+# far smaller than decode's MIN_MEASURED_BYTES (a TP=2 shard of the bench model's MLP is 11 MB in
+# int8: left untimed, its prefill ran natively in bfloat16, 7x slower on an AVX2 host); tiny models
+# (the tests') stay untimed, so that two loads agree.
+PREFILL_MIN_MEASURED_BYTES = 1 << 20
 PREFILL_GEMM_ROWS = (4096, 2048, 1024)  # weight rows per prefill GEMM tried against the whole weight
 _PASSES = 3
 
@@ -162,7 +167,7 @@ def choose_prefill(modules: list, x_dtype: torch.dtype) -> tuple[torch.dtype | N
         return None, None
     timed = [m for m in modules if getattr(m, "many_prefill_rows", True)] or modules
     largest = max(timed, key=lambda m: m.weight.numel() * m.weight.element_size())
-    if largest.weight.numel() * largest.weight.element_size() < MIN_MEASURED_BYTES:
+    if largest.weight.numel() * largest.weight.element_size() < PREFILL_MIN_MEASURED_BYTES:
         return None, None
     w, scale = largest.weight, largest.weight_scale
     dtype_name = str(x_dtype).removeprefix("torch.")
