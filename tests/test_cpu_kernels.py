@@ -228,7 +228,8 @@ def test_no_kernel_means_a_warning_and_torch_paths(monkeypatch):
     def no_compiler(**_):
         raise RuntimeError("Ninja is required to load C++ extensions")
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    with pytest.warns(UserWarning, match="could not build gemv.cpp, decode_attention.cpp, rms_norm.cpp, rope.cpp, swiglu.cpp .*Ninja is required.*torch's matmuls"):
+    names = ", ".join(source.name for source in kernels._SOURCES)
+    with pytest.warns(UserWarning, match=f"could not build {names} .*Ninja is required.*torch's matmuls"):
         assert kernels._build() is None
     monkeypatch.setitem(kernels._state, "ops", None)
     assert decode_matmul.candidates(torch.zeros(4, 4), torch.float32) == ["linear", "mv"]
@@ -318,7 +319,7 @@ def test_prefill_compute_dtype_is_measured_and_used(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prefill_gemm_blocks_are_measured_and_give_the_same_product(monkeypatch, dtype):
+def test_prefill_gemm_blocks_are_measured_and_give_the_same_product(monkeypatch, caplog, dtype):
     """Prefill GEMMs over blocks of a weight's rows where that is MARGIN faster than one GEMM (MKL on
     an AMD EPYC); the LM head, which prefill sends one row, is not what is timed; same product."""
     from tp.layers import ParallelLMHead
@@ -334,8 +335,10 @@ def test_prefill_gemm_blocks_are_measured_and_give_the_same_product(monkeypatch,
         return {None: 1.0, 16: 0.95, 8: 0.5}[rows]  # 16: within MARGIN of unblocked, 8: past it
 
     _fake_prefill_clock(monkeypatch, cost)
-    compute, rows = decode_matmul.choose_prefill([*layers, head], dtype)
+    with caplog.at_level(logging.INFO, logger="internlm_tp"):
+        compute, rows = decode_matmul.choose_prefill([*layers, head], dtype)
     assert rows == 8 and timed_rows == {None, 16, 8}, "every block size under the layer's 40 rows was timed"
+    assert "prefill GEMM blocks (64 rows x 40x64 weights, measured here)" in caplog.text, "a layer's, not the head's"
     assert all(m.prefill_rows == 8 for m in [*layers, head])
     x = torch.randn(1, 40, 64).to(dtype)
     exact = x.double() @ layers[0].weight.double().t() + layers[0].bias.double()

@@ -63,6 +63,14 @@ def test_choice_is_measured_and_logged(monkeypatch, caplog):
     class Attn:
         local_heads, local_kv_heads, head_dim, decode_path = 4, 2, 64, None
     modules = [Attn(), Attn()]
+    # 2 kv heads x 256 keys x 64 x bfloat16, keys and values: 128 KB a call, under the floor: not timed
+    monkeypatch.setattr(decode_attention, "_seconds", lambda *a: pytest.fail("timed a cache-resident call"))
+    with caplog.at_level(logging.INFO, logger="internlm_tp"):
+        assert decode_attention.choose(modules, torch.bfloat16) == "ours"
+    assert "decode attention (4 heads x 256 keys, bfloat16): ours (128 KB of keys and values a call: not timed)" \
+        in caplog.text
+    monkeypatch.undo()
+    monkeypatch.setattr(decode_attention, "MIN_MEASURED_BYTES", 0)
     with caplog.at_level(logging.INFO, logger="internlm_tp"):
         chosen = decode_attention.choose(modules, torch.bfloat16)
     assert chosen in ("ours", "sdpa") and all(m.decode_path == chosen for m in modules)

@@ -81,3 +81,35 @@ def test_swiglu_kernel_matches_torch_at_the_edges_of_exp(isa, dtype):
     expected = F.silu(gate_up[:, :16]) * gate_up[:, 16:]
     tol = 1e-6 if dtype == torch.float32 else 2 ** -7
     torch.testing.assert_close(op(gate_up), expected, rtol=tol, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("isa", RUNNABLE_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_kernel_is_torch_max_index(isa, dtype):
+    """Greedy choice: the first largest value's index, NaN the largest, as torch.max(x, -1).indices,
+    over rows of many lengths (a chunk's edge, the bench's vocabulary), ties, infinities and NaN."""
+    op = kernels.build(isa).argmax_rows
+    g = torch.Generator().manual_seed(11)
+    for v in (1, 7, 255, 256, 257, 103168):
+        x = torch.randn(3, v, generator=g).to(dtype)
+        assert torch.equal(op(x), torch.max(x, dim=-1).indices), v
+    x = torch.zeros(6, 600, dtype=dtype)
+    x[0, [5, 300, 599]] = 2.0                       # ties: the first
+    x[1, 400], x[1, 10] = float("inf"), 3.0         # inf is a value like any other
+    x[2, 500], x[2, 20] = float("nan"), 9.0         # NaN wins wherever it is
+    x[3, [260, 450]] = float("nan")                 # the first NaN
+    x[4] = float("-inf")                            # all -inf: index 0
+    x[5, 0], x[5, 1] = -0.0, 0.0                    # -0 == 0: the first
+    assert torch.equal(op(x), torch.max(x, dim=-1).indices)
+    assert op(x).tolist() == [5, 400, 500, 260, 0, 0]
+
+
+def test_greedy_choice_takes_the_kernel_for_cpu_logits(monkeypatch):
+    from tp.generate import Sampling, choose
+    calls = []
+    real = kernels.op("argmax_rows")
+    monkeypatch.setattr(kernels, "op", lambda name: lambda x: calls.append((name, x.dtype)) or real(x))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        logits = torch.randn(2, 1000).to(dtype)
+        assert torch.equal(choose(logits, Sampling(), None), torch.max(logits, dim=-1).indices)
+    assert calls == [("argmax_rows", torch.float32), ("argmax_rows", torch.bfloat16)], "float16: torch's path"

@@ -1,7 +1,8 @@
 """The project's hand-written CPU kernels, built on first use for the vector ISA this CPU has:
 tp/csrc/gemv.cpp (decode matmuls in float32, bfloat16 and int8), tp/csrc/decode_attention.cpp
 (attention for one new token per sequence), and for the small steps between, each one call where
-torch makes several: tp/csrc/rms_norm.cpp, tp/csrc/rope.cpp, tp/csrc/swiglu.cpp; the shared-memory
+torch makes several: tp/csrc/rms_norm.cpp, tp/csrc/rope.cpp, tp/csrc/swiglu.cpp; greedy decoding's
+choice (tp/csrc/argmax.cpp); the shared-memory
 collectives' copy, wait and sum (tp/csrc/shm_comm.cpp, for tp/comm.py); one extension
 sharing tp/csrc/vec.h. -ffp-contract=off: a product and a sum stay two roundings, as in torch's
 elementwise ops, never one fused multiply-add. -fno-trapping-math (as torch's own build): with no
@@ -31,7 +32,8 @@ ENV = "INTERNLM_TP_GEMV"  # auto (measure our kernel against torch's paths) | ou
 CHOICES = ("auto", "ours", "torch")
 MAX_ROWS = 16  # rows of activations sent to the kernel; past that, torch's GEMM (prefill)
 _SOURCES = [Path(__file__).with_name("csrc") / name
-            for name in ("gemv.cpp", "decode_attention.cpp", "rms_norm.cpp", "rope.cpp", "swiglu.cpp", "shm_comm.cpp")]
+            for name in ("gemv.cpp", "decode_attention.cpp", "rms_norm.cpp", "rope.cpp", "swiglu.cpp", "argmax.cpp",
+                         "shm_comm.cpp")]
 _NAMES = ", ".join(source.name for source in _SOURCES)
 # The flags per ISA: the kernel's vector width follows them (tp/csrc/gemv.cpp).
 ISA_FLAGS = {"avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"], "avx2": ["-mavx2", "-mfma"]}
@@ -100,7 +102,8 @@ def _openmp_runtime() -> list[str]:
 
 def build(isa: str):
     """Compile (or load the cached build of) the kernels for `isa`; returns their op namespace
-    (`.gemv`, `.decode_attention`, `.rms_norm`, `.rope`, `.swiglu`, `.shm_exchange`, `.shm_all_reduce`).
+    (`.gemv`, `.decode_attention`, `.rms_norm`, `.rope`, `.swiglu`, `.argmax_rows`, `.shm_exchange`,
+    `.shm_all_reduce`).
     Raises on failure."""
     from torch.utils.cpp_extension import load
     namespace = f"internlm_tp_{isa}"
@@ -145,9 +148,9 @@ def gemv():
 
 
 def op(name: str):
-    """The op `name` of the extension (gemv, decode_attention, rms_norm, rope, swiglu, shm_exchange,
-    shm_all_reduce: each source in tp/csrc states its inputs and outputs), or None where the kernels
-    are not available."""
+    """The op `name` of the extension (gemv, decode_attention, rms_norm, rope, swiglu, argmax_rows,
+    shm_exchange, shm_all_reduce: each source in tp/csrc states its inputs and outputs), or None where
+    the kernels are not available."""
     ops = _ops()
     return None if ops is None else getattr(ops, name)
 

@@ -6,7 +6,10 @@ Why a choice at all: SDPA's CPU kernel is built for many query rows. For one it 
 time in set-up, and on a CPU without bfloat16 dot products (AVX512_BF16, AMX) it runs bfloat16 4-5x
 slower than float32; on a CPU with them that may differ. Ours reads each sequence's keys and values
 once, in float32 registers. It stays unless SDPA is decode_matmul.MARGIN faster (a choice that
-flipped between loads would change low bits of the logits).
+flipped between loads would change low bits of the logits), and it is not timed at all where one
+call's keys and values are under MIN_MEASURED_BYTES: there both paths take a few us, mostly call
+overhead, and the choice was a near-tie that could flip (the tests' tiny float32 model: ours 20 us,
+SDPA 17 us).
 
 Paths:
   ours  tp/csrc/decode_attention.cpp: float32 and bfloat16
@@ -25,6 +28,7 @@ from tp.decode_matmul import MARGIN
 
 log = logging.getLogger("internlm_tp")
 CHOOSE_KEYS = 256  # keys per head in the timed call: a mid-length context
+MIN_MEASURED_BYTES = 1 << 20  # keys + values of one timed call; below it, ours untimed
 _CALLS, _PASSES = 20, 3
 
 
@@ -69,8 +73,12 @@ def choose(attentions: list, dtype: torch.dtype) -> str | None:
         return None
     paths = candidates(dtype)
     chosen = paths[0]
-    if len(paths) > 1:
-        a = attentions[0]
+    a = attentions[0]
+    call_bytes = 2 * a.local_kv_heads * CHOOSE_KEYS * a.head_dim * torch.empty(0, dtype=dtype).element_size()
+    if len(paths) > 1 and call_bytes < MIN_MEASURED_BYTES:
+        log.info("decode attention (%d heads x %d keys, %s): %s (%d KB of keys and values a call: not timed)",
+                 a.local_heads, CHOOSE_KEYS, str(dtype).removeprefix("torch."), chosen, call_bytes >> 10)
+    elif len(paths) > 1:
         q = torch.randn(1, a.local_heads, 1, a.head_dim).to(dtype)
         k, v = (torch.randn(1, a.local_kv_heads, CHOOSE_KEYS, a.head_dim).to(dtype) for _ in range(2))
         seconds = {p: _seconds(p, q, k, v, a.head_dim ** -0.5) for p in paths}

@@ -155,8 +155,8 @@ def _best_of_two(fn) -> float:
 
 @torch.inference_mode()
 def choose_prefill(modules: list, x_dtype: torch.dtype) -> tuple[torch.dtype | None, int | None]:
-    """Set `prefill_compute` and `prefill_rows` on every module, measured on the model's largest weight
-    at PREFILL_ROWS rows of activations:
+    """Set `prefill_compute` and `prefill_rows` on every module, measured on the model's largest layer
+    weight (not the LM head: prefill sends it one row) at PREFILL_ROWS rows of activations:
       - compute: float32 where that is MARGIN faster than computing in `x_dtype` on this host
         (bfloat16 and float16 activations only), else None (x's dtype);
       - rows: at most this many weight rows per GEMM, where one of PREFILL_GEMM_ROWS is MARGIN faster
@@ -182,17 +182,19 @@ def choose_prefill(modules: list, x_dtype: torch.dtype) -> tuple[torch.dtype | N
                  PREFILL_ROWS, *ws.shape, str(w.dtype).removeprefix("torch."), dtype_name,
                  seconds[None] * 1e3, seconds[torch.float32] * 1e3, "float32" if chosen else dtype_name)
     # the block size on the whole weight: what it changes is how one GEMM walks a long weight
-    x = torch.randn(PREFILL_ROWS, w.shape[1]).to(x_dtype)
+    rows = None
     blocks = [None] + [r for r in PREFILL_GEMM_ROWS if r < w.shape[0]]
-    seconds = {r: _best_of_two(lambda: _prefill(w, scale, x, chosen, r)) for r in blocks}
-    rows = min(seconds, key=seconds.get)
-    if seconds[None] < MARGIN * seconds[rows]:
-        rows = None
+    if len(blocks) > 1:
+        x = torch.randn(PREFILL_ROWS, w.shape[1]).to(x_dtype)
+        seconds = {r: _best_of_two(lambda: _prefill(w, scale, x, chosen, r)) for r in blocks}
+        rows = min(seconds, key=seconds.get)
+        if seconds[None] < MARGIN * seconds[rows]:
+            rows = None
+        log.info("prefill GEMM blocks (%d rows x %dx%d weights, measured here): %s -> %s", PREFILL_ROWS, *w.shape,
+                 ", ".join(f"{r or 'unblocked'} {t * 1e3:.1f} ms" for r, t in seconds.items()),
+                 f"{rows} weight rows a GEMM" if rows else "unblocked")
     for m in modules:
         m.prefill_compute, m.prefill_rows = chosen, rows
-    log.info("prefill GEMM blocks (%d rows x %dx%d weights, measured here): %s -> %s", PREFILL_ROWS, *w.shape,
-             ", ".join(f"{r or 'unblocked'} {t * 1e3:.1f} ms" for r, t in seconds.items()),
-             f"{rows} weight rows a GEMM" if rows else "unblocked")
     return chosen, rows
 
 

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from tp import cpu_kernels
 from tp.device import synchronize
 from tp.model import InternLM
 from tp.routing import eos_check_interval
@@ -37,6 +38,9 @@ class Generation:
 def choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
     """Next token per row of logits [B, V]."""
     if sampling.temperature <= 0:
+        op = cpu_kernels.op_for("argmax_rows", logits) if logits.dim() == 2 else None
+        if op is not None:  # the same choice in two vectorized passes (tp/csrc/argmax.cpp): ~95 -> ~N us
+            return op(logits.contiguous())
         return torch.max(logits, dim=-1).indices  # first maximum, as argmax; 4x faster on bfloat16 CPU
     logits = logits.float() / sampling.temperature
     if sampling.top_k > 0:

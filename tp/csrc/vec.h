@@ -29,6 +29,7 @@ inline vec load(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 inline vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline vec maximum(vec a, vec b) { return _mm512_max_ps(a, b); }  // b where either is NaN
 inline vec broadcast(float v) { return _mm512_set1_ps(v); }
 inline void store(float* p, vec v) { _mm512_storeu_ps(p, v); }
 inline float sum(vec v) { return _mm512_reduce_add_ps(v); }
@@ -69,6 +70,7 @@ inline vec load(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 inline vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline vec maximum(vec a, vec b) { return _mm256_max_ps(a, b); }  // b where either is NaN
 inline vec broadcast(float v) { return _mm256_set1_ps(v); }
 inline void store(float* p, vec v) { _mm256_storeu_ps(p, v); }
 inline float sum(vec v) {
