@@ -6,8 +6,9 @@ times per decode step; `SharedMemoryComm` replaces them for small messages with 
 /dev/shm buffer that all ranks map, a flag per rank, and a sum every rank computes in the same
 order (so all ranks hold bit-identical results). Messages larger than a slot (a prefill's
 activations) go through it piece by piece. Where the CPU kernels are built, one call of
-tp/csrc/shm_comm.cpp does a piece's copy, flag, wait and sum (~35 -> ~N us an all-reduce of one
-token's hidden state); elsewhere the same protocol runs in Python.
+tp/csrc/shm_comm.cpp does a piece's copy, flag, wait and sum (an all-reduce of one token's hidden
+state between 2 ranks on an AMD EPYC: 13 us, against 92-99 us through the Python protocol measured
+minutes apart); elsewhere the same protocol runs in Python.
 """
 from __future__ import annotations
 
