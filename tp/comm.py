@@ -20,6 +20,8 @@ import uuid
 import torch
 import torch.distributed as dist
 
+from tp import cpu_kernels
+
 
 class DistComm:
     """torch.distributed on the default process group."""
@@ -66,14 +68,16 @@ class SharedMemoryComm(DistComm):
         # torch op, and the wait polls them (an all-reduce of one token: ~39 -> ~35 us, 2 ranks).
         self._flags = self.flags.numpy()
         self.seq = 0
-        self.native = _native_ops()
+        # tp/csrc/shm_comm.cpp's ops where the CPU kernels are built (None: the Python protocol)
+        self.native = cpu_kernels.op("shm_all_reduce")
+        self._native_exchange = cpu_kernels.op("shm_exchange")
 
     def _exchange(self, piece: torch.Tensor) -> torch.Tensor:
         """Publish a flat piece of at most max_bytes; a [world_size, n] view of every rank's copy."""
         self.seq += 1
         rows = self.data[self.seq % 2, :, : piece.numel() * piece.element_size()]
-        if self.native is not None:
-            self.native.shm_exchange(piece, self.data, self.flags, self.rank, self.seq, self.timeout_s)
+        if self._native_exchange is not None:
+            self._native_exchange(piece, self.data, self.flags, self.rank, self.seq, self.timeout_s)
         else:
             rows[self.rank].copy_(piece.view(torch.uint8))
             self._flags[self.rank] = self.seq  # after the copy: x86 keeps stores in order
@@ -101,16 +105,14 @@ class SharedMemoryComm(DistComm):
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.contiguous().view(-1)
         native = self.native if x.dtype in (torch.float32, torch.bfloat16) else None
-        if native is not None and flat.numel() * flat.element_size() <= self.max_bytes:  # decode: one piece
-            self.seq += 1
-            native.shm_all_reduce(flat, self.data, self.flags, self.rank, self.seq, self.timeout_s)
-        else:
-            for _, piece in self._pieces(flat):  # a prefill's activations go slot by slot
-                if native is not None:
-                    self.seq += 1
-                    native.shm_all_reduce(piece, self.data, self.flags, self.rank, self.seq, self.timeout_s)
-                else:
-                    torch.sum(self._exchange(piece), dim=0, out=piece)
+        # a decode step's one piece as it is; a prefill's activations slot by slot
+        pieces = [flat] if flat.numel() * flat.element_size() <= self.max_bytes else (p for _, p in self._pieces(flat))
+        for piece in pieces:
+            if native is not None:
+                self.seq += 1
+                native(piece, self.data, self.flags, self.rank, self.seq, self.timeout_s)
+            else:
+                torch.sum(self._exchange(piece), dim=0, out=piece)
         if flat.data_ptr() != x.data_ptr():
             x.copy_(flat.view(x.shape))
         return x
@@ -121,13 +123,6 @@ class SharedMemoryComm(DistComm):
         for a, piece in self._pieces(flat):
             out[:, a:a + piece.numel()] = self._exchange(piece)
         return torch.cat(list(out.view(self.world_size, *x.shape)), dim=-1)
-
-
-def _native_ops():
-    """The CPU kernels' op namespace with shm_exchange and shm_all_reduce, or None (not built, or
-    INTERNLM_TP_GEMV=torch): then the Python protocol."""
-    from tp import cpu_kernels
-    return None if cpu_kernels.op("shm_exchange") is None else cpu_kernels._ops()
 
 
 def shared_memory_possible(kind: str, world_size: int) -> bool:

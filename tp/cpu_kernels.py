@@ -2,9 +2,8 @@
 tp/csrc/gemv.cpp (decode matmuls in float32, bfloat16 and int8), tp/csrc/decode_attention.cpp
 (attention for one new token per sequence), and for the small steps between, each one call where
 torch makes several: tp/csrc/rms_norm.cpp, tp/csrc/rope.cpp, tp/csrc/swiglu.cpp; greedy decoding's
-choice (tp/csrc/argmax.cpp); the shared-memory
-collectives' copy, wait and sum (tp/csrc/shm_comm.cpp, for tp/comm.py); one extension
-sharing tp/csrc/vec.h. -ffp-contract=off: a product and a sum stay two roundings, as in torch's
+choice (tp/csrc/argmax.cpp); the shared-memory collectives' copy, wait and sum (tp/csrc/shm_comm.cpp,
+for tp/comm.py); one extension sharing tp/csrc/vec.h. -ffp-contract=off: a product and a sum stay two roundings, as in torch's
 elementwise ops, never one fused multiply-add. -fno-trapping-math (as torch's own build): with no
 floating-point traps to preserve, the compiler may turn a select into a blend and vectorize loops
 with one (swiglu's); the value of every operation stays IEEE's.
@@ -103,8 +102,7 @@ def _openmp_runtime() -> list[str]:
 def build(isa: str):
     """Compile (or load the cached build of) the kernels for `isa`; returns their op namespace
     (`.gemv`, `.decode_attention`, `.rms_norm`, `.rope`, `.swiglu`, `.argmax_rows`, `.shm_exchange`,
-    `.shm_all_reduce`).
-    Raises on failure."""
+    `.shm_all_reduce`). Raises on failure."""
     from torch.utils.cpp_extension import load
     namespace = f"internlm_tp_{isa}"
     directory = _build_directory(isa)

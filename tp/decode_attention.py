@@ -74,7 +74,7 @@ def choose(attentions: list, dtype: torch.dtype) -> str | None:
     paths = candidates(dtype)
     chosen = paths[0]
     a = attentions[0]
-    call_bytes = 2 * a.local_kv_heads * CHOOSE_KEYS * a.head_dim * torch.empty(0, dtype=dtype).element_size()
+    call_bytes = 2 * a.local_kv_heads * CHOOSE_KEYS * a.head_dim * dtype.itemsize
     if len(paths) > 1 and call_bytes < MIN_MEASURED_BYTES:
         log.info("decode attention (%d heads x %d keys, %s): %s (%d KB of keys and values a call: not timed)",
                  a.local_heads, CHOOSE_KEYS, str(dtype).removeprefix("torch."), chosen, call_bytes >> 10)

@@ -89,15 +89,12 @@ def dequantized_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | N
     block = max(1, _DEQUANT_BLOCK_BYTES // max(1, q.shape[1] * xc.element_size()))
     if rows_per_gemm:
         block = min(block, rows_per_gemm)
-    if q.dtype == compute and block >= q.shape[0]:
-        y = F.linear(xc, q)
-    else:
-        parts = []
-        for i in range(0, q.shape[0], block):
-            rows = q[i:i + block]
-            w = rows if rows.dtype == compute else _scratch_rows(*rows.shape, compute, x.device).copy_(rows)
-            parts.append(F.linear(xc, w))
-        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    parts = []
+    for i in range(0, q.shape[0], block):
+        rows = q[i:i + block]
+        w = rows if rows.dtype == compute else _scratch_rows(*rows.shape, compute, x.device).copy_(rows)
+        parts.append(F.linear(xc, w))
+    y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
     if scale is not None:
         y = y.mul_(scale.to(y.dtype))
     return y.to(x.dtype)

@@ -84,11 +84,6 @@ void sum_rows(const uint8_t* slot, int64_t W, int64_t max_bytes, int64_t n, T* o
   }
 }
 
-void shm_exchange(const at::Tensor& x, const at::Tensor& data, const at::Tensor& flags, int64_t rank, int64_t seq,
-                  double timeout_s) {
-  exchange(x, data, flags, rank, seq, timeout_s);
-}
-
 void shm_all_reduce(const at::Tensor& x, const at::Tensor& data, const at::Tensor& flags, int64_t rank, int64_t seq,
                     double timeout_s) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x: float32 or bfloat16");
@@ -102,7 +97,7 @@ void shm_all_reduce(const at::Tensor& x, const at::Tensor& data, const at::Tenso
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(OPS_NAMESPACE, m) {
-  m.def("shm_exchange(Tensor x, Tensor data, Tensor flags, int rank, int seq, float timeout_s) -> ()", shm_exchange);
+  m.def("shm_exchange(Tensor x, Tensor data, Tensor flags, int rank, int seq, float timeout_s) -> ()", exchange);
   m.def("shm_all_reduce(Tensor(a!) x, Tensor data, Tensor flags, int rank, int seq, float timeout_s) -> ()",
         shm_all_reduce);
 }
