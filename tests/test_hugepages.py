@@ -1,5 +1,7 @@
 """Weights on transparent huge pages (tp/hugepages.py): advised before the first write, they land on
 2 MiB pages where the host allows it; switched off, or where THP is off, nothing is advised."""
+import mmap
+
 import pytest
 import torch
 
@@ -19,9 +21,11 @@ def test_mode_is_read_from_the_bracketed_choice(tmp_path, monkeypatch):
 
 
 def test_advised_memory_lands_on_huge_pages():
-    # 64 MiB: past glibc's largest mmap threshold (32 MiB), so fresh pages, as a large weight gets;
-    # a smaller block may reuse heap memory already touched, which only khugepaged merges, later.
-    block = torch.empty(64 << 20, dtype=torch.uint8)
+    # A fresh anonymous mapping, as a large weight usually gets. Not torch.empty: after the earlier
+    # tests in this process glibc may serve even 64 MiB from freed heap memory already touched
+    # (the CI saw 6 MiB of it on huge pages before the first write); only khugepaged merges that.
+    mapping = mmap.mmap(-1, 64 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # not shmem
+    block = torch.frombuffer(mapping, dtype=torch.uint8)
     advised = hugepages.advise([block, block[1:]])  # the same storage twice: advised once
     assert hugepages.huge_bytes([block]) == 0, "nothing is there before the first write"
     block.fill_(1)
@@ -31,6 +35,8 @@ def test_advised_memory_lands_on_huge_pages():
     else:
         assert advised == 0
     assert int(block.sum()) == 64 << 20  # the memory itself is untouched by the advice
+    del block
+    mapping.close()
 
 
 def test_switched_off_by_the_environment(monkeypatch):
