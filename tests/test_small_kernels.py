@@ -45,6 +45,41 @@ def test_module_takes_the_kernel_for_decode_rows_only(monkeypatch):
     assert calls == [("rms_norm", (2, 64))]
 
 
+@pytest.mark.parametrize("isa", RUNNABLE_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_is_torchs_add_then_the_norm_kernel(isa, dtype):
+    ops = kernels.build(isa)
+    g = torch.Generator().manual_seed(7)
+    x, residual = (torch.randn(3, 2048, generator=g).to(dtype) for _ in range(2))
+    weight = torch.randn(2048, generator=g).to(dtype)
+    stream = residual.clone()
+    y = ops.add_rms_norm(x, stream, weight, 1e-6)
+    assert torch.equal(stream, x + residual), "the residual becomes the sum, rounded as torch adds"
+    assert torch.equal(y, ops.rms_norm(x + residual, weight, 1e-6)), "then the same norm, bit for bit"
+    with pytest.raises(RuntimeError, match="residual: contiguous, x's shape and dtype"):
+        ops.add_rms_norm(x, torch.zeros(3, 2048, dtype=torch.float64), weight, 1e-6)
+
+
+def test_module_adds_and_norms_in_one_call_for_decode_rows(monkeypatch):
+    norm = RMSNorm(64, 1e-5, torch.float32)
+    norm.weight.data.normal_()
+    calls = []
+    real = kernels.op
+
+    def counted(name):
+        calls.append(name)
+        return real(name)
+    monkeypatch.setattr(kernels, "op", counted)
+    for shape, expected_calls in (((2, 1, 64), ["add_rms_norm"]), ((1, 40, 64), [])):  # decode; prefill
+        x, residual = torch.randn(shape), torch.randn(shape)
+        expected_sum = x + residual
+        y, stream = norm.add_and_norm(x, residual.clone())
+        assert torch.equal(stream, expected_sum)
+        torch.testing.assert_close(y, _torch_path(expected_sum, norm.weight, 1e-5), rtol=1e-6, atol=1e-6)
+        assert calls == expected_calls
+        calls.clear()
+
+
 def test_kernel_refuses_bad_input_with_a_message():
     op = kernels.op("rms_norm")
     with pytest.raises(RuntimeError, match="weight: \\[D\\] in x's dtype"):

@@ -101,8 +101,8 @@ def _openmp_runtime() -> list[str]:
 
 def build(isa: str):
     """Compile (or load the cached build of) the kernels for `isa`; returns their op namespace
-    (`.gemv`, `.decode_attention`, `.rms_norm`, `.rope`, `.swiglu`, `.argmax_rows`, `.shm_exchange`,
-    `.shm_all_reduce`). Raises on failure."""
+    (`.gemv`, `.decode_attention`, `.rms_norm`, `.add_rms_norm`, `.rope`, `.rope_into_cache`, `.swiglu`,
+    `.argmax_rows`, `.shm_exchange`, `.shm_all_reduce`). Raises on failure."""
     from torch.utils.cpp_extension import load
     namespace = f"internlm_tp_{isa}"
     directory = _build_directory(isa)
@@ -146,9 +146,9 @@ def gemv():
 
 
 def op(name: str):
-    """The op `name` of the extension (gemv, decode_attention, rms_norm, rope, swiglu, argmax_rows,
-    shm_exchange, shm_all_reduce: each source in tp/csrc states its inputs and outputs), or None where
-    the kernels are not available."""
+    """The op `name` of the extension (gemv, decode_attention, rms_norm, add_rms_norm, rope, rope_into_cache,
+    swiglu, argmax_rows, shm_exchange, shm_all_reduce: each source in tp/csrc states its inputs and
+    outputs), or None where the kernels are not available."""
     ops = _ops()
     return None if ops is None else getattr(ops, name)
 

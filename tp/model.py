@@ -36,6 +36,17 @@ class RMSNorm(nn.Module):
         # F.rms_norm does the normalisation in one kernel instead of five.
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual stream's add and this norm. Decode rows on
+        the CPU in one kernel call, which writes the sum into `residual` (the caller's to give away)."""
+        op = cpu_kernels.op_for("add_rms_norm", x, MAX_ROWS)
+        if op is not None and residual.is_contiguous() and x.shape == residual.shape:
+            d = x.shape[-1]
+            y = op(x.reshape(-1, d).contiguous(), residual.view(-1, d), self.weight, self.eps)
+            return y.view(x.shape), residual
+        residual = x + residual
+        return self.forward(residual), residual
+
 
 def rope_tables(cfg: ModelConfig, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape [length, head_dim] in float32 (halves repeated, rotate-half layout).
@@ -106,10 +117,16 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, start: int):
         b, t, _ = x.shape
-        qkv = self.qkv_proj(x).view(b, t, self.local_heads + 2 * self.local_kv_heads, self.head_dim).transpose(1, 2)
-        q, k, v = qkv.split([self.local_heads, self.local_kv_heads, self.local_kv_heads], dim=1)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = self.cache.update(start, k, v)
+        qkv = self.qkv_proj(x)
+        into_cache = cpu_kernels.op_for("rope_into_cache", qkv, MAX_ROWS) if t == 1 else None
+        if into_cache is not None:  # decode on the CPU: the ropes and the cache writes in one call
+            q = into_cache(qkv.view(b, -1), cos, sin, self.cache.k, self.cache.v, start, self.local_heads)
+            k, v = self.cache.k[:, :, :start + 1], self.cache.v[:, :, :start + 1]
+        else:
+            qkv = qkv.view(b, t, self.local_heads + 2 * self.local_kv_heads, self.head_dim).transpose(1, 2)
+            q, k, v = qkv.split([self.local_heads, self.local_kv_heads, self.local_kv_heads], dim=1)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            k, v = self.cache.update(start, k, v)
         scale = 1.0 / math.sqrt(self.head_dim)
         if t == 1 and x.device.type == "cpu":  # decode: the path measured fastest on this host
             if self.decode_path is None:
@@ -147,9 +164,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.mlp = MLP(cfg, world_size, dtype, device, int8)
 
-    def forward(self, x, cos, sin, mask, start: int):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, start)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, mask, start: int):
+        """x: the previous layer's output, residual: the stream before it (None for the first layer:
+        x is the embedding). Returns this layer's output and the stream it is to be added to, so each
+        add is done with the norm after it (RMSNorm.add_and_norm)."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add_and_norm(x, residual)
+        h, residual = self.post_attention_layernorm.add_and_norm(self.self_attn(h, cos, sin, mask, start), residual)
+        return self.mlp(h), residual
 
 
 class Backbone(nn.Module):
@@ -265,9 +289,10 @@ class InternLM(nn.Module):
         """
         cos = self.rope_cos[positions].unsqueeze(1)
         sin = self.rope_sin[positions].unsqueeze(1)
-        x = self.model.embed_tokens(ids)
+        x, residual = self.model.embed_tokens(ids), None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, start)
+            x, residual = layer(x, residual, cos, sin, mask, start)
         if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.model.norm(x))
+            x, residual = x[:, -1:], None if residual is None else residual[:, -1:]
+        norm = self.model.norm
+        return self.lm_head(norm(x) if residual is None else norm.add_and_norm(x, residual)[0])
