@@ -20,7 +20,7 @@ double stream_sum(const torch::Tensor& buf) {
               "buf: contiguous float32, a multiple of 2048 values");
   const float* p = buf.data_ptr<float>();
   const int64_t rows = buf.numel() / kRow;
-  std::vector<double> partial(rows, 0.0);  // one slot per row range's first row: no sharing
+  std::vector<double> partial(at::get_num_threads(), 0.0);  // one slot a thread
   at::parallel_for(0, rows, kStreams, [&](int64_t begin, int64_t end) {
     const int64_t part = (end - begin) / kStreams;
     const vec one = broadcast(1.0f);
@@ -35,7 +35,7 @@ double stream_sum(const torch::Tensor& buf) {
       for (int64_t k = 0; k < kRow; k += kWidth) acc[0] = fma(one, load(p + r * kRow + k), acc[0]);
     double total = 0;
     for (const vec& a : acc) total += sum(a);
-    partial[begin] = total;
+    partial[at::get_thread_num()] = total;
   });
   double total = 0;
   for (double v : partial) total += v;

@@ -28,8 +28,8 @@ using namespace cpu_vec;
 
 constexpr int64_t kChunk = 256;  // elements per step of the search pass (one vectorized check each)
 
-// The first index in [start, end) where match(value) holds, or -1; each chunk is checked with a
-// vectorized loop (no early exit) and only the chunk that holds it is walked element by element.
+// The first index in row[0, V) where match(value) holds, or -1; each chunk of kChunk is checked with
+// a vectorized loop (no early exit) and only the chunk that holds it is walked element by element.
 template <typename T, typename Match>
 int64_t first_where(const T* row, int64_t V, Match match) {
   for (int64_t start = 0; start < V; start += kChunk) {
