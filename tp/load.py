@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from tp import decode_attention, decode_matmul, hugepages
+from tp import decode_attention, decode_matmul, hugepages, prefill_attention
 from tp.checkpoint import READ_BLOCK_BYTES, CheckpointError, CheckpointReader, read_shard
 from tp.config import ModelConfig
 from tp.model import InternLM
@@ -160,4 +160,5 @@ def load_model(path: str | Path, rank: int = 0, world_size: int = 1, device: tor
         decode_matmul.choose(model.matmul_modules(), model.dtype)
         decode_matmul.choose_prefill(model.matmul_modules(), model.dtype)
         decode_attention.choose(model.attentions(), model.dtype)
+        prefill_attention.choose(model.attentions(), model.dtype)
     return model.eval()

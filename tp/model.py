@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tp import cpu_kernels, decode_attention
+from tp import cpu_kernels, decode_attention, prefill_attention
 from tp.config import ModelConfig
 from tp.cpu_kernels import MAX_ROWS
 from tp.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
@@ -114,6 +114,7 @@ class Attention(nn.Module):
                                         quantized=int8)
         self.cache: KVCache | None = None
         self.decode_path: str | None = None  # tp.decode_attention's choice, on the CPU
+        self.prefill_path = "sdpa"  # tp.prefill_attention's choice, on the CPU
 
     def forward(self, x, cos, sin, mask, start: int):
         b, t, _ = x.shape
@@ -132,6 +133,8 @@ class Attention(nn.Module):
             if self.decode_path is None:
                 self.decode_path = decode_attention.candidates(q.dtype)[0]
             y = decode_attention.run(self.decode_path, q, k, v, scale, mask)
+        elif mask is None and t > 1 and k.shape[2] == t and x.device.type == "cpu":  # a whole unpadded prompt
+            y = prefill_attention.run(self.prefill_path, q, k, v, scale)
         else:
             # mask None: no padding in the batch, so plain causal attention (SDPA's faster path).
             # Grouped-query attention: SDPA maps query heads onto their kv head, the cache is not copied.
