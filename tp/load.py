@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from tp import decode_attention, decode_matmul, hugepages, prefill_attention
+from tp import decode_attention, decode_matmul, hugepages, malloc, prefill_attention
 from tp.checkpoint import READ_BLOCK_BYTES, CheckpointError, CheckpointReader, read_shard
 from tp.config import ModelConfig
 from tp.model import InternLM
@@ -156,6 +156,7 @@ def load_model(path: str | Path, rank: int = 0, world_size: int = 1, device: tor
         if advised:
             log.info("weights: %.0f MB advised for transparent huge pages, %.0f MB landed on them",
                      advised / 1e6, hugepages.huge_bytes(model.parameters()) / 1e6)
+        malloc.keep_freed_memory()  # after the loader's own buffers are gone
         # measured now, not inside the first timed step
         decode_matmul.choose(model.matmul_modules(), model.dtype)
         decode_matmul.choose_prefill(model.matmul_modules(), model.dtype)
