@@ -43,6 +43,27 @@ PROMPTS = [
 ]
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", choices=["cpu", "cuda"],
+                     help="where the TP-vs-transformers test runs our model (cuda: as many ranks as GPUs, "
+                          "up to 3, NCCL); transformers' reference stays on the CPU in float32")
+
+
+def pytest_generate_tests(metafunc):
+    """`world_size`: 1, 2, 3 ranks on the CPU; on CUDA one per GPU, up to 3 (NCCL takes a GPU a rank)."""
+    if "world_size" in metafunc.fixturenames and "tp_device" in metafunc.fixturenames:
+        device = metafunc.config.getoption("--device")
+        top = 3 if device == "cpu" else min(3, torch.cuda.device_count())
+        if top < 1:
+            raise pytest.UsageError("--device cuda: no CUDA device here")
+        metafunc.parametrize("world_size", list(range(1, top + 1)))
+
+
+@pytest.fixture
+def tp_device(request) -> str:
+    return request.config.getoption("--device")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,4 +1,5 @@
-"""TP = 1, 2, 3 over gloo, as real processes, against transformers' LlamaForCausalLM."""
+"""TP = 1, 2, 3 over gloo, as real processes, against transformers' LlamaForCausalLM (float32, CPU).
+`pytest --device cuda` runs our ranks on GPUs over NCCL instead (one per GPU, up to 3)."""
 import pytest
 import torch
 
@@ -27,11 +28,12 @@ def test_reference_outputs_differ_between_prompts(reference):
     assert all(len(set(t)) > 3 for t in tokens)
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_tp_matches_reference(world_size, tiny_ckpt, reference, tmp_path):
+def test_tp_matches_reference(world_size, tp_device, tiny_ckpt, reference, tmp_path):
+    """world_size: 1, 2, 3 (conftest.pytest_generate_tests; on CUDA, as many as there are GPUs)."""
     prompts, ref_tokens, ref_logits = reference
-    ranks = spawn(world_size, tiny_ckpt, prompts, MAX_NEW, tmp_path)
+    ranks = spawn(world_size, tiny_ckpt, prompts, MAX_NEW, tmp_path, device=tp_device)
     for r, result in enumerate(ranks):
+        assert result["device"] == (f"cuda:{r}" if tp_device == "cuda" else "cpu"), result["device"]
         assert result["alone"] == ref_tokens, f"rank {r}: prompt run alone differs from transformers"
         assert result["batched"] == ref_tokens, f"rank {r}: left-padded batch differs from transformers"
         torch.testing.assert_close(result["logits"], ref_logits, rtol=0, atol=1e-4)

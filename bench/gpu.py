@@ -1,0 +1,183 @@
+"""Batch-1 decode and prefill of an InternLM-7B-shaped model on one CUDA GPU, in one run (run it through
+bench/gpu_check.sh on a lent machine; README "What ran where" has its figures and the card's name).
+
+The model is built on the GPU with random weights, no checkpoint on disk: transformers'
+LlamaForCausalLM (attention bias, as InternLM-7B) in bfloat16, and ours filled from the same tensors
+through the loader's own `fill` (tp/load.py). Measured, each the best of REPEATS:
+  - the HBM read roofline: torch's sum over a 4 GiB buffer, far past the L2 (best of 10);
+  - next-token ms at batch 1 (prompt 32, NEW_TOKENS new): ours bfloat16, transformers' `generate`,
+    ours int8 weight-only (weights quantized per row here, as `cut_weights quantize=int8` does);
+  - first-token ms at a 512-token prompt, ours and transformers';
+  - how many of the greedy tokens ours and transformers agree on (bfloat16: kernels round differently;
+    the float32 token-for-token check is `pytest --device cuda tests/test_tp_equivalence.py`).
+Ours runs eagerly here (no CUDA graphs): one step is one Python pass over 32 layers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+SHAPE_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_hidden_layers": 32,
+            "vocab_size": 103168}
+PROMPT_LEN, PREFILL_LEN, NEW_TOKENS, REPEATS = 32, 512, 64, 3
+
+
+def prompt(length: int, vocab: int, seed: int = 0) -> list[int]:
+    return [1] + torch.randint(3, vocab, (length - 1,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def read_roofline(device: torch.device, nbytes: int = 4 << 30) -> float:
+    """GB/s of torch's sum over `nbytes` of float32, best of 10."""
+    from tp.device import synchronize
+    buf = torch.ones(nbytes // 4, device=device)
+    best = float("inf")
+    for _ in range(11):
+        synchronize(device)
+        t0 = time.perf_counter()
+        buf.sum()
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    del buf
+    return nbytes / best / 1e9
+
+
+def build_transformers(config_dir: Path, device: torch.device):
+    from reference import reference_config
+    from transformers import LlamaForCausalLM
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(reference_config(config_dir)).eval()
+    finally:
+        torch.set_default_dtype(default)
+    model.generation_config.eos_token_id = None  # never stop early: exactly the tokens asked for
+    return model
+
+
+def build_ours(config_dir: Path, state: dict[str, torch.Tensor], device: torch.device, quantize: str = "none"):
+    """Ours from transformers' tensors (the published names), through the loader's fill; int8 rows
+    quantized here on the GPU."""
+    from tp.config import ModelConfig
+    from tp.load import expected_names, fill
+    from tp.model import InternLM
+    from tp.quant import is_quantized, quantize_rows, scale_name
+    cfg = ModelConfig.load(config_dir)
+    model = InternLM(cfg, 0, 1, torch.bfloat16, device, quantize=quantize)
+    scales: dict[str, torch.Tensor] = {}
+
+    def local(name: str) -> torch.Tensor:
+        if name in scales:
+            return scales.pop(name)
+        if is_quantized(name, quantize):
+            q, scales[scale_name(name)] = quantize_rows(state[name].float())
+            return q
+        return state[name]
+
+    fill(model, local, expected_names(cfg, quantize))
+    return model.eval()
+
+
+def time_ours(model, vocab: int) -> dict:
+    from tp.generate import generate
+    short, long = [prompt(PROMPT_LEN, vocab)], [prompt(PREFILL_LEN, vocab)]
+    generate(model, short, 4, eos_id=-1)  # warm-up
+    runs = [generate(model, short, 1 + NEW_TOKENS, eos_id=-1) for _ in range(REPEATS)]
+    generate(model, long, 1, eos_id=-1)
+    prefill = min(generate(model, long, 1, eos_id=-1).first_token_ms for _ in range(REPEATS))
+    return {"next_token_ms": min(r.next_token_ms for r in runs), "prefill_512_ms": prefill,
+            "tokens": runs[0].tokens[0]}
+
+
+@torch.inference_mode()
+def time_transformers(model, vocab: int, device: torch.device) -> dict:
+    from tp.device import synchronize
+
+    def run(length: int, n: int) -> tuple[float, list[int]]:
+        ids = torch.tensor([prompt(length, vocab)], device=device)
+        synchronize(device)
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        synchronize(device)
+        assert out.shape[1] == length + n
+        return time.perf_counter() - t0, out[0, length:].tolist()
+
+    run(PROMPT_LEN, 4)  # warm-up
+    one = min(run(PROMPT_LEN, 1)[0] for _ in range(REPEATS))
+    many = [run(PROMPT_LEN, 1 + NEW_TOKENS) for _ in range(REPEATS)]
+    run(PREFILL_LEN, 1)
+    prefill = min(run(PREFILL_LEN, 1)[0] for _ in range(REPEATS))
+    return {"next_token_ms": (min(t for t, _ in many) - one) * 1e3 / NEW_TOKENS, "prefill_512_ms": prefill * 1e3,
+            "tokens": many[0][1]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    ap.add_argument("--smoke", action="store_true", help="a 2-layer model of hidden 256 on the CPU: checks the "
+                                                         "script before it spends GPU time")
+    args = ap.parse_args()
+    from tp.tiny import TINY_CONFIG
+    shape = {**SHAPE_7B, "hidden_size": 256, "intermediate_size": 688, "num_attention_heads": 4,
+             "num_hidden_layers": 2, "vocab_size": 1000} if args.smoke else SHAPE_7B
+    if args.smoke:
+        device, name = torch.device("cpu"), "CPU (smoke run)"
+    else:
+        device = torch.device("cuda", 0)
+        torch.cuda.set_device(device)
+        props = torch.cuda.get_device_properties(device)
+        name = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs"
+    print(f"device: {name}; torch {torch.__version__}", flush=True)
+    result: dict = {"device": name, "torch": torch.__version__, "shape": shape}
+    with tempfile.TemporaryDirectory() as tmp:
+        config_dir = Path(tmp)
+        (config_dir / "config.json").write_text(json.dumps({**TINY_CONFIG, **shape, "torch_dtype": "bfloat16"}))
+        vocab = shape["vocab_size"]
+        result["roofline_GBps"] = read_roofline(device, (64 << 20) if args.smoke else (4 << 30))
+        hf = build_transformers(config_dir, device)
+        state = hf.state_dict()
+        ours = build_ours(config_dir, state, device)
+        result["step_GB"] = ours.decode_weight_bytes(1) / 1e9
+        print(f"{shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}, bfloat16: {result['step_GB']:.2f} GB "
+              f"read a step; read roofline {result['roofline_GBps']:.0f} GB/s", flush=True)
+        result["ours_bf16"] = time_ours(ours, vocab)
+        print("ours bfloat16:", {k: v for k, v in result["ours_bf16"].items() if k != "tokens"}, flush=True)
+        result["transformers_bf16"] = time_transformers(hf, vocab, device)
+        print("transformers bfloat16:", {k: v for k, v in result["transformers_bf16"].items() if k != "tokens"}, flush=True)
+        del ours, hf
+        int8 = build_ours(config_dir, state, device, "int8")  # the same weights, quantized per row
+        del state
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        result["int8_step_GB"] = int8.decode_weight_bytes(1) / 1e9
+        result["ours_int8"] = time_ours(int8, vocab)
+    report(result)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+def report(r: dict) -> None:
+    roof_ms = r["step_GB"] / r["roofline_GBps"] * 1e3
+    ours, hf, int8 = r["ours_bf16"], r["transformers_bf16"], r["ours_int8"]
+    agree = next((i for i, (a, b) in enumerate(zip(ours["tokens"], hf["tokens"])) if a != b), len(ours["tokens"]))
+    print(f"next token, batch 1: ours bfloat16 {ours['next_token_ms']:.2f} ms "
+          f"({roof_ms / ours['next_token_ms']:.0%} of the read roofline's {roof_ms:.2f} ms), "
+          f"transformers generate {hf['next_token_ms']:.2f} ms (ours {hf['next_token_ms'] / ours['next_token_ms']:.2f}x), "
+          f"ours int8 {int8['next_token_ms']:.2f} ms ({r['int8_step_GB']:.2f} GB a step)")
+    print(f"first token at {PREFILL_LEN}: ours {ours['prefill_512_ms']:.1f} ms, transformers {hf['prefill_512_ms']:.1f} ms, "
+          f"ours int8 {int8['prefill_512_ms']:.1f} ms")
+    print(f"greedy tokens, ours and transformers in bfloat16: the first {agree} of {len(ours['tokens'])} agree")
+
+
+if __name__ == "__main__":
+    main()
