@@ -9,8 +9,12 @@ through the loader's own `fill` (tp/load.py). Measured, each the best of REPEATS
     ours int8 weight-only (weights quantized per row here, as `cut_weights quantize=int8` does);
   - first-token ms at a 512-token prompt, ours and transformers';
   - how many of the greedy tokens ours and transformers agree on (bfloat16: kernels round differently;
-    the float32 token-for-token check is `pytest --device cuda tests/test_tp_equivalence.py`).
-Ours runs eagerly here (no CUDA graphs): one step is one Python pass over 32 layers.
+    the float32 token-for-token check is `pytest --device cuda tests/test_tp_equivalence.py`), and the
+    logits' error after a 512-token prompt against transformers in float32 on the same
+    (bfloat16-valued) weights: ours and transformers' in bfloat16, ours int8 and ours float32;
+  - the GPU's busy time in a decode step (the profiler's kernel time): what a step would take if the
+    host never made the GPU wait. Ours runs eagerly here (no CUDA graphs): one step is one Python pass
+    over 32 layers.
 """
 from __future__ import annotations
 
@@ -65,7 +69,8 @@ def build_transformers(config_dir: Path, device: torch.device):
     return model
 
 
-def build_ours(config_dir: Path, state: dict[str, torch.Tensor], device: torch.device, quantize: str = "none"):
+def build_ours(config_dir: Path, state: dict[str, torch.Tensor], device: torch.device, quantize: str = "none",
+               dtype: torch.dtype = torch.bfloat16):
     """Ours from transformers' tensors (the published names), through the loader's fill; int8 rows
     quantized here on the GPU."""
     from tp.config import ModelConfig
@@ -73,7 +78,7 @@ def build_ours(config_dir: Path, state: dict[str, torch.Tensor], device: torch.d
     from tp.model import InternLM
     from tp.quant import is_quantized, quantize_rows, scale_name
     cfg = ModelConfig.load(config_dir)
-    model = InternLM(cfg, 0, 1, torch.bfloat16, device, quantize=quantize)
+    model = InternLM(cfg, 0, 1, dtype, device, quantize=quantize)
     scales: dict[str, torch.Tensor] = {}
 
     def local(name: str) -> torch.Tensor:
@@ -88,6 +93,38 @@ def build_ours(config_dir: Path, state: dict[str, torch.Tensor], device: torch.d
     return model.eval()
 
 
+@torch.inference_mode()
+def last_logits(model, ids: list[int], transformers: bool = False) -> torch.Tensor:
+    """Float32 logits of the token after `ids` (one prefill)."""
+    from tp.generate import next_token_logits
+    if transformers:
+        return model(torch.tensor([ids], device=model.device)).logits[0, -1].float()
+    return next_token_logits(model, [ids])[0]
+
+
+def logits_error(y: torch.Tensor, exact: torch.Tensor) -> dict:
+    return {"rms_error_over_rms": ((y - exact).pow(2).mean().sqrt() / exact.pow(2).mean().sqrt()).item(),
+            "max_error_over_max": ((y - exact).abs().max() / exact.abs().max()).item(),
+            "top1_same": bool(y.argmax() == exact.argmax()),
+            "top5_overlap": len(set(y.topk(5).indices.tolist()) & set(exact.topk(5).indices.tolist()))}
+
+
+def gpu_busy_ms(model, vocab: int, steps: int = 16) -> float | None:
+    """Kernel time per decode step on the device (the profiler's), None on the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tp.generate import generate
+    if model.device.type != "cuda":
+        return None
+    short = [prompt(PROMPT_LEN, vocab)]
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        generate(model, short, 1, eos_id=-1)
+    prefill = sum(e.self_device_time_total for e in prof.key_averages())
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        generate(model, short, 1 + steps, eos_id=-1)
+    return (sum(e.self_device_time_total for e in prof.key_averages()) - prefill) / steps / 1e3
+
+
 def time_ours(model, vocab: int) -> dict:
     from tp.generate import generate
     short, long = [prompt(PROMPT_LEN, vocab)], [prompt(PREFILL_LEN, vocab)]
@@ -96,7 +133,7 @@ def time_ours(model, vocab: int) -> dict:
     generate(model, long, 1, eos_id=-1)
     prefill = min(generate(model, long, 1, eos_id=-1).first_token_ms for _ in range(REPEATS))
     return {"next_token_ms": min(r.next_token_ms for r in runs), "prefill_512_ms": prefill,
-            "tokens": runs[0].tokens[0]}
+            "gpu_busy_ms_per_step": gpu_busy_ms(model, vocab), "tokens": runs[0].tokens[0]}
 
 
 @torch.inference_mode()
@@ -154,9 +191,25 @@ def main() -> None:
         print("ours bfloat16:", {k: v for k, v in result["ours_bf16"].items() if k != "tokens"}, flush=True)
         result["transformers_bf16"] = time_transformers(hf, vocab, device)
         print("transformers bfloat16:", {k: v for k, v in result["transformers_bf16"].items() if k != "tokens"}, flush=True)
-        del ours, hf
         int8 = build_ours(config_dir, state, device, "int8")  # the same weights, quantized per row
         del state
+        # logits after a 512-token prompt against transformers in float32 on the same (bfloat16-valued) weights
+        ids = prompt(PREFILL_LEN, vocab, seed=1)
+        got = {"ours bfloat16": last_logits(ours, ids), "transformers bfloat16": last_logits(hf, ids, True),
+               "ours int8": last_logits(int8, ids)}
+        del ours
+        exact = last_logits(hf.float(), ids, True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        f32_bytes = sum(p.numel() * 4 for p in hf.parameters())
+        if device.type != "cuda" or torch.cuda.mem_get_info(device)[0] > 1.1 * f32_bytes:
+            ours32 = build_ours(config_dir, hf.state_dict(), device, dtype=torch.float32)
+            got["ours float32"] = last_logits(ours32, ids)
+            del ours32
+        result["logits_vs_float32"] = {k: logits_error(v, exact) for k, v in got.items()}
+        for k, v in result["logits_vs_float32"].items():
+            print(f"logits, {k} against transformers float32: " + ", ".join(f"{m} {x:.3g}" for m, x in v.items()), flush=True)
+        del hf
         if device.type == "cuda":
             torch.cuda.empty_cache()
         result["int8_step_GB"] = int8.decode_weight_bytes(1) / 1e9
@@ -177,6 +230,9 @@ def report(r: dict) -> None:
     print(f"first token at {PREFILL_LEN}: ours {ours['prefill_512_ms']:.1f} ms, transformers {hf['prefill_512_ms']:.1f} ms, "
           f"ours int8 {int8['prefill_512_ms']:.1f} ms")
     print(f"greedy tokens, ours and transformers in bfloat16: the first {agree} of {len(ours['tokens'])} agree")
+    busy = [(name, x["gpu_busy_ms_per_step"]) for name, x in (("bfloat16", ours), ("int8", int8))]
+    if all(ms is not None for _, ms in busy):
+        print("GPU busy per decode step (kernel time): " + ", ".join(f"ours {n} {ms:.2f} ms" for n, ms in busy))
 
 
 if __name__ == "__main__":
