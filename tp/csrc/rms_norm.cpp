@@ -1,5 +1,6 @@
-// RMSNorm of a few rows on the CPU (decode), one call instead of torch's seven (tp/model.py calls it
-// through tp/cpu_kernels.py): 30-35 us a call on an AMD EPYC with torch's path, mostly per-op set-up.
+// RMSNorm of rows on the CPU, one call instead of torch's seven (tp/model.py calls it through
+// tp/cpu_kernels.py): for a decode row 30-35 us a call on an AMD EPYC with torch's path, mostly per-op
+// set-up; rows are split over threads, so prefill's hundreds of rows take it too.
 //
 //   x       [M, D] float32 or bfloat16, contiguous;  weight [D], x's dtype
 //   out     weight * to_dtype(x * rsqrt(mean(x^2) + eps)), as transformers' LlamaRMSNorm: normalised in

@@ -1,4 +1,4 @@
-// SwiGLU's elementwise half for decode rows, silu(gate) * up, in one CPU kernel call instead of three
+// SwiGLU's elementwise half, silu(gate) * up, for decode and prefill rows, in one CPU kernel call instead of three
 // (chunk, silu, mul: ~14 us at intermediate 5504 on an AMD EPYC; tp/model.py calls it through
 // tp/cpu_kernels.py).
 //
