@@ -1,11 +1,9 @@
 """tp/malloc.py: once set, memory freed by a prefill's intermediates serves the next prefill's without
 page faults; turned off, glibc's defaults fault it in again. Each case in a process of its own
-(mallopt is process-wide)."""
+(mallopt is process-wide). Linux with glibc, as the project's hosts (/proc/self/maps, getrusage)."""
 import os
 import subprocess
 import sys
-
-import pytest
 
 from tp import malloc
 
@@ -52,7 +50,6 @@ def _run(keep: str) -> tuple[list[str], bool, list[int]]:
     return applied.split()[1:], on_heap.split()[1] == "True", [int(f) for f in faults.split()[1:]]
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
 def test_a_prefills_freed_memory_serves_the_next_without_page_faults():
     applied, on_heap, faults = _run("1")
     assert applied == ["True", "True"], "applied once, then the same answer"

@@ -13,7 +13,7 @@ they preload jemalloc or tcmalloc for the same reason). INTERNLM_TP_KEEP_FREED=0
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import logging
 import os
 
@@ -22,24 +22,18 @@ ENV = "INTERNLM_TP_KEEP_FREED"  # 1 (default) | 0
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
 MMAP_BYTES = 32 << 20  # glibc's upper limit for the mmap threshold on 64-bit hosts
 TRIM_BYTES = 512 << 20
-_done: list[bool] = []
 
 
+@functools.cache
 def keep_freed_memory() -> bool:
     """Apply the settings once per process; True where glibc took them (False: turned off, not glibc,
     or refused)."""
-    if _done:
-        return _done[0]
-    ok = False
-    if os.environ.get(ENV, "1") != "0":
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            ok = hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version") \
-                and libc.mallopt(M_MMAP_THRESHOLD, MMAP_BYTES) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_BYTES) == 1
-        except OSError:
-            ok = False
-        if ok:
-            log.info("freed memory: chunks under %d MB reused, up to %d MB kept mapped (glibc mallopt; %s=0 turns "
-                     "this off)", MMAP_BYTES >> 20, TRIM_BYTES >> 20, ENV)
-    _done.append(ok)
+    if os.environ.get(ENV, "1") == "0":
+        return False
+    libc = ctypes.CDLL(None)  # the symbols the process has loaded, as tp.hugepages reaches madvise
+    ok = hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version") \
+        and libc.mallopt(M_MMAP_THRESHOLD, MMAP_BYTES) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_BYTES) == 1
+    if ok:
+        log.info("freed memory: chunks under %d MB reused, up to %d MB kept mapped (glibc mallopt; %s=0 turns "
+                 "this off)", MMAP_BYTES >> 20, TRIM_BYTES >> 20, ENV)
     return ok
