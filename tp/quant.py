@@ -89,15 +89,18 @@ def dequantized_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | N
     block = max(1, _DEQUANT_BLOCK_BYTES // max(1, q.shape[1] * xc.element_size()))
     if rows_per_gemm:
         block = min(block, rows_per_gemm)
+
+    def in_compute(rows: torch.Tensor) -> torch.Tensor:
+        return rows if rows.dtype == compute else _scratch_rows(*rows.shape, compute, x.device).copy_(rows)
+
     if block >= q.shape[0]:
-        y = F.linear(xc, q if q.dtype == compute else _scratch_rows(*q.shape, compute, x.device).copy_(q))
+        y = F.linear(xc, in_compute(q))
     else:  # each block's GEMM writes its columns of y in place (BLAS takes y's row stride): no cat
         y = torch.empty(*x.shape[:-1], q.shape[0], dtype=compute, device=x.device)
         x2, y2 = xc.reshape(-1, q.shape[1]), y.view(-1, q.shape[0])
         for i in range(0, q.shape[0], block):
             rows = q[i:i + block]
-            w = rows if rows.dtype == compute else _scratch_rows(*rows.shape, compute, x.device).copy_(rows)
-            torch.mm(x2, w.t(), out=y2[:, i:i + rows.shape[0]])
+            torch.mm(x2, in_compute(rows).t(), out=y2[:, i:i + rows.shape[0]])
     if scale is not None:
         y = y.mul_(scale.to(y.dtype))
     return y.to(x.dtype)
