@@ -30,14 +30,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+from decode import _prompt as prompt  # noqa: E402  the CPU bench's prompts: [BOS] + seeded random ids
 
 SHAPE_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_hidden_layers": 32,
             "vocab_size": 103168}
 PROMPT_LEN, PREFILL_LEN, NEW_TOKENS, REPEATS = 32, 512, 64, 3
-
-
-def prompt(length: int, vocab: int, seed: int = 0) -> list[int]:
-    return [1] + torch.randint(3, vocab, (length - 1,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def read_roofline(device: torch.device, nbytes: int = 4 << 30) -> float:
