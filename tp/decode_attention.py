@@ -18,13 +18,12 @@ Paths:
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 import torch.nn.functional as F
 
 from tp import cpu_kernels
-from tp.decode_matmul import MARGIN
+from tp.decode_matmul import MARGIN, best_seconds
 
 log = logging.getLogger("internlm_tp")
 CHOOSE_KEYS = 256  # keys per head in the timed call: a mid-length context
@@ -55,14 +54,11 @@ def run(path: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
 
 
 def _seconds(path: str, q, k, v, scale: float) -> float:
-    run(path, q, k, v, scale, None)  # first call: lazy initialisation, not timed
-    best = float("inf")
-    for _ in range(_PASSES):
-        t0 = time.perf_counter()
+    """Seconds a call, the best of _PASSES passes of _CALLS calls (one call first, not timed)."""
+    def calls():
         for _ in range(_CALLS):
             run(path, q, k, v, scale, None)
-        best = min(best, (time.perf_counter() - t0) / _CALLS)
-    return best
+    return best_seconds(calls, _PASSES) / _CALLS
 
 
 @torch.inference_mode()

@@ -97,15 +97,21 @@ def _sample(weights: list[tuple[torch.Tensor, torch.Tensor | None]],
     return taken
 
 
+def best_seconds(fn, passes: int, warm_up: int = 1) -> float:
+    """The fastest of `passes` timed calls of fn, after `warm_up` untimed ones (lazy initialisation,
+    first-touch page faults): how every load-time choice here and in tp/*_attention.py is timed."""
+    for _ in range(warm_up):
+        fn()
+    return min(_timed(fn) for _ in range(passes))
+
+
 def _seconds(path: str, x: torch.Tensor, sample) -> float:
-    run(path, x, *sample[0], None)  # first call: lazy initialisation, not timed
-    best = float("inf")
-    for _ in range(_PASSES):
-        t0 = time.perf_counter()
+    run(path, x, *sample[0], None)  # first call, on one matrix: lazy initialisation, not timed
+
+    def every_matrix():
         for w, s in sample:
             run(path, x, w, s, None)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return best_seconds(every_matrix, _PASSES, warm_up=0)
 
 
 @torch.inference_mode()
@@ -149,8 +155,7 @@ def _prefill(w: torch.Tensor, scale: torch.Tensor | None, x: torch.Tensor, compu
 
 
 def _best_of_two(fn) -> float:
-    fn()  # first call: lazy initialisation and page faults, not timed
-    return min(_timed(fn) for _ in range(2))
+    return best_seconds(fn, 2)
 
 
 @torch.inference_mode()

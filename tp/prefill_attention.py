@@ -22,12 +22,11 @@ Paths:
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 import torch.nn.functional as F
 
-from tp.decode_matmul import MARGIN
+from tp.decode_matmul import MARGIN, best_seconds
 
 log = logging.getLogger("internlm_tp")
 BLOCK = 64  # query rows a block
@@ -64,14 +63,7 @@ def run(path: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
 
 
 def _seconds(path: str, q, k, v, scale: float) -> float:
-    for _ in range(_WARM_UP):  # lazy initialisation and first-touch page faults, not timed
-        run(path, q, k, v, scale)
-    best = float("inf")
-    for _ in range(_PASSES):
-        t0 = time.perf_counter()
-        run(path, q, k, v, scale)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return best_seconds(lambda: run(path, q, k, v, scale), _PASSES, _WARM_UP)
 
 
 @torch.inference_mode()
