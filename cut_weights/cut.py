@@ -172,10 +172,12 @@ def cut(opts: CutOptions) -> Path:
         except OSError as err:
             raise CutError(f"cannot write the cut under {out.parent}: {err.strerror or err}") from err
         source_config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+        # the source's keys as they are; the dtype under the name its writer used (transformers 5: dtype)
+        dtype_key = "dtype" if "dtype" in source_config and "torch_dtype" not in source_config else "torch_dtype"
         for r in range(world):
             directory = rank_dir(tmp, r)
             directory.mkdir()
-            config = {**source_config, "torch_dtype": str(out_dtype).removeprefix("torch."),
+            config = {**source_config, dtype_key: str(out_dtype).removeprefix("torch."),
                       "tensor_parallel": {"world_size": world, "rank": r}}
             if opts.quantize == "int8":
                 config["quantization"] = {"method": "weight_only_int8", "granularity": "per_output_channel",

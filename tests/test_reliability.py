@@ -147,12 +147,14 @@ def test_soak_200_prompts_memory_flat(tiny_ckpt):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.sampled_from([*TINY_CONFIG, "rotary", "rope_theta", "rope_scaling", "num_key_value_heads",
-                                        "head_dim", "attention_bias"]),
+@given(st.dictionaries(st.sampled_from([*TINY_CONFIG, "rotary", "rope_theta", "rope_scaling", "rope_parameters",
+                                        "num_key_value_heads", "head_dim", "attention_bias", "mlp_bias",
+                                        "sliding_window", "use_sliding_window", "partial_rotary_factor"]),
                        st.one_of(st.none(), st.booleans(), st.integers(-5, 5000), st.floats(allow_nan=True),
                                  st.text(max_size=5), st.lists(st.integers(), max_size=2),
                                  st.sampled_from(["llama", "internlm2", ["LlamaForCausalLM"], ["InternLM2ForCausalLM"]]),
-                                 st.dictionaries(st.sampled_from(["base", "type", "rope_type", "factor"]),
+                                 st.dictionaries(st.sampled_from(["base", "type", "rope_type", "factor", "rope_theta",
+                                                                  "scaling_factor", "partial_rotary_factor"]),
                                                  st.one_of(st.integers(), st.text(max_size=4), st.floats(),
                                                            st.sampled_from(["dynamic", "linear"]))))))
 def test_fuzzed_configs_load_or_fail_clearly(raw):

@@ -53,24 +53,116 @@ def layout_of(raw: dict, source: str) -> str:
                       f"{', '.join(a for a, _ in LAYOUTS.values())}")
 
 
-def _rope_scaling(raw: dict, source: str) -> tuple[str | None, float]:
-    """(kind, factor) from `rope_scaling` ({"type" or "rope_type": "dynamic" | "linear", "factor": f}),
-    or InternLM's `rotary: {"type": "dynamic"}` (factor 1)."""
-    scaling = raw.get("rope_scaling")
-    if scaling is None:
-        rotary = raw.get("rotary")
-        return ("dynamic", 1.0) if isinstance(rotary, dict) and rotary.get("type") == "dynamic" else (None, 1.0)
-    if not isinstance(scaling, dict):
-        raise ConfigError(f"{source}: rope_scaling must be an object, got {scaling!r}")
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind in (None, "default"):
-        return None, 1.0
-    if kind not in ("dynamic", "linear"):
-        raise ConfigError(f"{source}: rope_scaling type {kind!r} is not supported (dynamic or linear)")
-    factor = scaling.get("factor", 1.0)
+# Rotary kinds we compute (SPEC §1b); any other `rope_type` (llama3, yarn, longrope, ...) is refused by name.
+ROPE_KINDS = ("default", "linear", "dynamic")
+# Keys of a rope dictionary that leave these kinds' arithmetic as we compute it (transformers' dynamic NTK
+# rescales from max_position_embeddings, so original_max_position_embeddings changes nothing for it).
+_ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "partial_rotary_factor", "original_max_position_embeddings"}
+
+
+def _off(value) -> bool:
+    return value is None or value is False
+
+
+def _one(value) -> bool:
+    return value is None or (_positive_number(value) and value == 1)
+
+
+def _rope_entry(key: str, entry, source: str) -> tuple[float | None, str | None, float]:
+    """(base or None, kind, factor) of one rope dictionary: transformers 4's `rope_scaling` or 5's
+    `rope_parameters` ({"rope_type" or "type": kind, "factor": f, "rope_theta": base, ...})."""
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{source}: {key} must be an object, got {entry!r}")
+    if entry and all(isinstance(v, dict) for v in entry.values()):
+        raise ConfigError(f"{source}: {key} per layer type ({', '.join(entry)}) is not supported: "
+                          f"every layer here runs one rotary embedding")
+    kind = entry.get("rope_type", entry.get("type", "default"))
+    if kind not in ROPE_KINDS:
+        raise ConfigError(f"{source}: {key} rope_type {kind!r} is not supported ({', '.join(ROPE_KINDS)})")
+    unknown = sorted(set(entry) - _ROPE_KEYS)
+    if unknown:
+        raise ConfigError(f"{source}: {key} key {unknown[0]!r} ({entry[unknown[0]]!r}) is not supported "
+                          f"for rope_type {kind!r}")
+    if not _one(entry.get("partial_rotary_factor")):
+        raise ConfigError(f"{source}: {key} partial_rotary_factor {entry['partial_rotary_factor']!r} is not "
+                          f"supported (the rotary embedding covers the whole head)")
+    theta = entry.get("rope_theta")
+    if theta is not None and not _positive_number(theta):
+        raise ConfigError(f"{source}: {key} rope_theta must be a positive number, got {theta!r}")
+    if kind == "default":
+        return theta, None, 1.0
+    factor = entry.get("factor")
     if not _positive_number(factor):
-        raise ConfigError(f"{source}: rope_scaling factor must be a positive number, got {factor!r}")
-    return kind, float(factor)
+        raise ConfigError(f"{source}: {key} factor must be a positive number for rope_type {kind!r}, got {factor!r}")
+    return theta, kind, float(factor)
+
+
+def _rotary(raw: dict, source: str) -> tuple[float, str | None, float]:
+    """(base, scaling kind or None, factor) as transformers 4 and 5 and InternLM write them: a rope
+    dictionary (5's `rope_parameters`, 4's `rope_scaling`; both present must agree), its `rope_theta`
+    before InternLM's `rotary: {"base", "type": "origin" | "dynamic", "scaling_factor"}`,
+    and 10000 when none is given. A checkpoint saved by transformers 5 has only `rope_parameters`."""
+    entries = {k: _rope_entry(k, raw[k], source) for k in ("rope_parameters", "rope_scaling") if raw.get(k) is not None}
+    if len(entries) == 2 and len({(t or raw.get("rope_theta"), kind, f) for t, kind, f in entries.values()}) > 1:
+        raise ConfigError(f"{source}: rope_parameters {raw['rope_parameters']!r} and rope_scaling "
+                          f"{raw['rope_scaling']!r} disagree; keep one")
+    theta, kind, factor = next(iter(entries.values()), (None, None, 1.0))
+    rotary = raw.get("rotary")
+    if rotary is not None:
+        if not isinstance(rotary, dict):
+            raise ConfigError(f"{source}: rotary must be an object, got {rotary!r}")
+        rotary_kind = rotary.get("type", "origin")
+        if rotary_kind not in ("origin", "dynamic"):
+            raise ConfigError(f"{source}: rotary type {rotary_kind!r} is not supported (origin or dynamic)")
+        if rotary_kind == "dynamic" and kind is None:
+            kind, factor = "dynamic", rotary.get("scaling_factor", 1.0)
+            if not _positive_number(factor):
+                raise ConfigError(f"{source}: rotary scaling_factor must be a positive number, got {factor!r}")
+    if theta is None:  # InternLM's own code reads its rotary base, not rope_theta
+        theta = (rotary or {}).get("base", raw.get("rope_theta", 10000.0))
+    if not _positive_number(theta):
+        raise ConfigError(f"{source}: rope base must be a positive number, got {theta!r}")
+    if not _one(raw.get("partial_rotary_factor")):
+        raise ConfigError(f"{source}: partial_rotary_factor {raw['partial_rotary_factor']!r} is not supported "
+                          f"(the rotary embedding covers the whole head)")
+    return float(theta), kind, float(factor)
+
+
+# Top-level keys that change the arithmetic, each with the test its value must pass for our model to
+# compute what the config asks for, and what our model computes. Any other value is refused by name,
+# never run as something else. Keys that leave the arithmetic alone (auto_map, torch_dtype / dtype,
+# transformers_version, use_cache, pretraining_tp, attention_dropout, ...) are not read at all.
+_ARITHMETIC = {
+    "hidden_act": (lambda v: v in ("silu", "swish"), "the MLP is SwiGLU, silu-gated"),
+    "mlp_bias": (_off, "the MLP projections carry no bias"),
+    "attn_logit_softcapping": (lambda v: v is None, "attention scores are not capped"),
+    "final_logit_softcapping": (lambda v: v is None, "logits are not capped"),
+    "qk_norm": (_off, "queries and keys are not normalised"),
+    "use_qk_norm": (_off, "queries and keys are not normalised"),
+    "qk_layernorm": (_off, "queries and keys are not normalised"),
+    "layer_types": (lambda v: v is None or (isinstance(v, list) and all(t == "full_attention" for t in v)),
+                    "every layer attends to the whole context"),
+    "embedding_multiplier": (_one, "embeddings are not scaled"),
+    "residual_multiplier": (_one, "residual branches are not scaled"),
+    "logits_scaling": (_one, "logits are not scaled"),
+    "attention_multiplier": (lambda v: v is None, "attention scores are scaled by 1/sqrt(head_dim)"),
+}
+
+
+def _refuse_unimplemented(raw: dict, source: str) -> None:
+    for key, (supported, ours) in _ARITHMETIC.items():
+        if key in raw and not supported(raw[key]):
+            raise ConfigError(f"{source}: {key} {raw[key]!r} is not supported ({ours})")
+    use, window = raw.get("use_sliding_window"), raw.get("sliding_window")
+    if use is False:  # Qwen2-style configs name a window and switch it off
+        return
+    if use not in (None, True):
+        raise ConfigError(f"{source}: use_sliding_window must be true or false, got {use!r}")
+    context = raw["max_position_embeddings"]
+    within = not (isinstance(window, int) and not isinstance(window, bool) and window >= context)
+    if (use or window is not None) and within:  # a window shorter than the context changes attention
+        raise ConfigError(f"{source}: sliding_window {window!r} is not supported (every position attends to "
+                          f"all before it, up to max_position_embeddings {context})")
 
 
 def _eos_ids(value, source: str) -> tuple[int, ...]:
@@ -154,15 +246,8 @@ class ModelConfig:
         tied = raw.get("tie_word_embeddings", False)
         if not isinstance(tied, bool):
             raise ConfigError(f"{source}: tie_word_embeddings must be true or false, got {tied!r}")
-        theta = raw.get("rope_theta", 10000.0)
-        rotary = raw.get("rotary")
-        if rotary is not None:
-            if not isinstance(rotary, dict):
-                raise ConfigError(f"{source}: rotary must be an object, got {rotary!r}")
-            theta = rotary.get("base", theta)
-        if not _positive_number(theta):
-            raise ConfigError(f"{source}: rope base must be a positive number, got {theta!r}")
-        scaling, factor = _rope_scaling(raw, source)
+        theta, scaling, factor = _rotary(raw, source)
+        _refuse_unimplemented(raw, source)
         special = {}
         for key, default in (("bos_token_id", 1), ("eos_token_id", 2)):
             value = raw.get(key, default)

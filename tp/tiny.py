@@ -40,12 +40,15 @@ TINY_CONFIG = {
 
 def train_tokenizer(vocab_size: int) -> bytes:
     """A LLaMA-style sentencepiece BPE model (identity normalisation, byte fallback, split digits),
-    trained on the project's own generated text, so the same bytes come out on every machine."""
+    trained on the project's own generated text, so the same bytes come out on every machine.
+    Covering 99.95% of the characters takes ~4070 pieces; a smaller vocabulary covers 99.5% and
+    spells the rarer characters in bytes."""
+    character_coverage = 0.9995 if vocab_size >= 4100 else 0.995
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(tokenizer_text()), model_writer=buf, vocab_size=vocab_size,
         model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
-        split_digits=True, normalization_rule_name="identity", character_coverage=0.9995,
+        split_digits=True, normalization_rule_name="identity", character_coverage=character_coverage,
         num_threads=1, minloglevel=2)
     return buf.getvalue()
 

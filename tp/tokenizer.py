@@ -3,12 +3,17 @@ InternLM2, LLaMA) or a `tokenizers` `tokenizer.json` (LLaMA-layout checkpoints s
 
 BOS as the tokenizer's configuration says: `tokenizer_config.json`'s `add_bos_token` when present
 (InternLM's sentencepiece convention, BOS prepended, no EOS appended, is the default), else the
-tokenizer.json's own post-processor. Special tokens are dropped when decoding.
+tokenizer.json's own post-processor. Special tokens are dropped when decoding, and so are ids the
+tokenizer does not have: a model whose vocab_size is padded past its tokenizer (to a multiple of 64 or
+128) can generate one. Such an id renders as nothing, as transformers' fast tokenizers do, and is logged.
 """
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+
+log = logging.getLogger("internlm_tp")
 
 
 class Tokenizer:
@@ -25,12 +30,20 @@ class Tokenizer:
         self.vocab_size = self._backend.vocab_size
         add_bos = settings.get("add_bos_token")
         self._add_bos = add_bos if isinstance(add_bos, bool) else None  # None: the backend's own rule
+        self._warned_unknown = False
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
         return self._backend.encode(text, bos and self._add_bos is not False, self._add_bos is None)
 
     def decode(self, ids: list[int]) -> str:
-        return self._backend.decode(ids)
+        known = [i for i in ids if 0 <= i < self.vocab_size]
+        if len(known) < len(ids) and not self._warned_unknown:
+            self._warned_unknown = True  # once: a model that generates them may do so in every answer
+            unknown = sorted({i for i in ids if not 0 <= i < self.vocab_size})
+            log.warning("generated id(s) %s outside the tokenizer's %d pieces (the model's vocabulary is larger): "
+                        "rendered as nothing in the text, kept in output_ids; later ones are not logged",
+                        unknown, self.vocab_size)
+        return self._backend.decode(known)
 
     def piece_id(self, piece: str) -> int | None:
         """Id of an exact vocabulary piece, None when the vocabulary lacks it."""
