@@ -133,7 +133,11 @@ class ScriptedModel(torch.nn.Module):
         self.device = torch.device("cpu")
 
     def setup_cache(self, batch, max_seq):
-        pass
+        from tp.model import DecodeStep
+        self.max_seq, self.step = max_seq, DecodeStep.allocate(batch, max_seq)
+
+    def decode(self, step):
+        return self.forward(step.tokens[:, None], None, None, 0)
 
     def forward(self, ids, positions, mask, start):
         logits = torch.zeros(ids.shape[0], 1, self.vocab)

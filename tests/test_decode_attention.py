@@ -37,13 +37,23 @@ def test_kernel_matches_attention_in_float64(isa, dtype, heads, kv_heads, head_d
     mask = torch.ones(batch, keys, dtype=torch.bool)
     mask[1, : keys // 2] = False  # left padding of row 1
     scale = head_dim ** -0.5
-    for m in (None, mask):
-        y = op(q, k, v, scale, m)
-        exact = _reference(q, k, v, scale, m)
+    # per-row lengths over the whole cache: row b reads keys [0, lengths[b]), the rest may hold anything
+    lengths = torch.tensor([keys, max(1, keys // 3), keys])
+    row_mask = torch.arange(capacity)[None, :] < lengths[:, None]
+    padded = torch.ones(batch, capacity, dtype=torch.bool)
+    padded[1, : int(lengths[1]) // 2] = False  # left padding of row 1, within its length
+    for m, kk, vv, n, exact_mask in ((None, k, v, None, None), (mask, k, v, None, mask),
+                                     (None, cache_k, cache_v, lengths, row_mask),
+                                     (padded, cache_k, cache_v, lengths, row_mask & padded)):
+        y = op(q, kk, vv, scale, m, n)
+        exact = _reference(q, cache_k, cache_v, scale, exact_mask) if n is not None else _reference(q, k, v, scale, m)
         assert y.dtype == dtype and y.shape == q.shape
         # float32: the sums' rounding (a few ulp of the largest |v|); bfloat16: one rounding of the result more
         bound = 1e-5 * v.double().abs().amax() + (exact.abs() * 2 ** -8 if dtype == torch.bfloat16 else 0)
         assert ((y.double() - exact).abs() <= bound).all(), (y.double() - exact).abs().max()
+    # a row read to its length gives bit for bit what the cache sliced to that length gives
+    short = op(q[1:2], cache_k[1:2], cache_v[1:2], scale, None, lengths[1:2])
+    assert torch.equal(short, op(q[1:2], cache_k[1:2, :, :lengths[1]], cache_v[1:2, :, :lengths[1]], scale, None))
 
 
 def test_kernel_refuses_bad_input_with_a_message():
@@ -57,6 +67,10 @@ def test_kernel_refuses_bad_input_with_a_message():
         op(q, k.bfloat16(), k.bfloat16(), 1.0, None)
     with pytest.raises(RuntimeError, match="mask: bool \\[B, L\\]"):
         op(q, k, k, 1.0, torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="lengths\\[0\\] = 6 outside \\[0, 5\\]"):
+        op(q, k, k, 1.0, None, torch.tensor([6]))
+    with pytest.raises(RuntimeError, match="lengths: contiguous int64 \\[B\\]"):
+        op(q, k, k, 1.0, None, torch.tensor([5, 5]))
 
 
 def test_choice_is_measured_and_logged(monkeypatch, caplog):

@@ -34,28 +34,34 @@ def test_kernel_equals_torchs_elementwise_rope(isa, dtype, batch, tokens, head_d
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch,heads,kv", [(1, 4, 4), (3, 4, 2), (2, 8, 1)])
 def test_rope_into_cache_is_the_two_ropes_and_the_cache_writes(isa, dtype, batch, heads, kv):
+    """Each row into its own slot (rows at different points of their sequences)."""
     ops = kernels.build(isa)
     g = torch.Generator().manual_seed(batch * heads + kv)
-    D, S, slot = 64, 9, 5
+    D, S = 64, 9
+    slots = torch.tensor([5, 0, 8][:batch])
     qkv = torch.randn(batch, (heads + 2 * kv) * D, generator=g).to(dtype)
     angles = torch.rand(batch, 1, 1, D, generator=g) * 6.3
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     k_cache, v_cache = (torch.randn(batch, kv, S, D, generator=g).to(dtype) for _ in range(2))
     k_before, v_before = k_cache.clone(), v_cache.clone()
-    q = ops.rope_into_cache(qkv, cos, sin, k_cache, v_cache, slot, heads)
+    q = ops.rope_into_cache(qkv, cos, sin, k_cache, v_cache, slots, heads)
     split = qkv.view(batch, 1, heads + 2 * kv, D).transpose(1, 2)  # as Attention.forward's torch path
     q_ref, k_ref, v_ref = split.split([heads, kv, kv], dim=1)
     assert q.shape == (batch, heads, 1, D) and q.is_contiguous()
     assert torch.equal(q, ops.rope(q_ref, cos, sin)) and torch.equal(q, _torch_rope(q_ref, cos, sin))
-    assert torch.equal(k_cache[:, :, slot:slot + 1], _torch_rope(k_ref, cos, sin))
-    assert torch.equal(v_cache[:, :, slot:slot + 1], v_ref)
-    others = [s for s in range(S) if s != slot]
-    assert torch.equal(k_cache[:, :, others], k_before[:, :, others]), "no other slot is written"
-    assert torch.equal(v_cache[:, :, others], v_before[:, :, others])
+    k_rotated = _torch_rope(k_ref, cos, sin)
+    for b, slot in enumerate(slots.tolist()):
+        assert torch.equal(k_cache[b, :, slot], k_rotated[b, :, 0])
+        assert torch.equal(v_cache[b, :, slot], v_ref[b, :, 0])
+        others = [s for s in range(S) if s != slot]
+        assert torch.equal(k_cache[b, :, others], k_before[b, :, others]), "no other slot is written"
+        assert torch.equal(v_cache[b, :, others], v_before[b, :, others])
     with pytest.raises(RuntimeError, match="slot 9 outside the cache's 9"):
-        ops.rope_into_cache(qkv, cos, sin, k_cache, v_cache, S, heads)
+        ops.rope_into_cache(qkv, cos, sin, k_cache, v_cache, torch.full((batch,), S), heads)
+    with pytest.raises(RuntimeError, match="slots: contiguous int64 \\[B\\]"):
+        ops.rope_into_cache(qkv, cos, sin, k_cache, v_cache, slots.int(), heads)
     with pytest.raises(RuntimeError, match="qkv: contiguous \\[B, \\(heads \\+ 2 KVH\\) D\\]"):
-        ops.rope_into_cache(qkv, cos, sin, k_cache, v_cache, slot, heads + 1)
+        ops.rope_into_cache(qkv, cos, sin, k_cache, v_cache, slots, heads + 1)
 
 
 def test_model_uses_the_kernel_on_the_cpu(monkeypatch):

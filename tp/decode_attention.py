@@ -42,11 +42,13 @@ def candidates(dtype: torch.dtype) -> list[str]:
 
 
 def run(path: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-        mask: torch.Tensor | None) -> torch.Tensor:
-    """q [B, H, 1, D], k and v [B, KVH, L, D], mask bool [B, 1, 1, L] or None -> [B, H, 1, D]."""
+        mask: torch.Tensor | None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, H, 1, D], k and v [B, KVH, L, D], mask bool [B, 1, 1, L] or None -> [B, H, 1, D].
+    lengths [B] (ours only): row b's keys past lengths[b] are not read, the mask saying they are
+    not attended (SDPA reads and masks them)."""
     if path == "ours":
         keys = None if mask is None else mask.reshape(mask.shape[0], mask.shape[-1])
-        return cpu_kernels.op("decode_attention")(q.contiguous(), k, v, scale, keys)
+        return cpu_kernels.op("decode_attention")(q.contiguous(), k, v, scale, keys, lengths)
     if path == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                               enable_gqa=k.shape[1] != q.shape[1])

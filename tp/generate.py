@@ -1,4 +1,5 @@
-"""Batched generation: left-padded prefill, then one-token decode steps against the KV cache."""
+"""Batched generation: left-padded prefill, then the static decode step (tp.model.DecodeStep) against
+the KV cache, each row at its own position; `admit` prefills one row into a batch already decoding."""
 from __future__ import annotations
 
 import time
@@ -136,11 +137,10 @@ def generate(model: InternLM, prompts: list[list[int]], max_new_tokens: int, eos
     device = model.device
     P = len(prefix.ids) if prefix else 0
     width = max(len(p) for p in prompts)
-    capacity = P + width + max_new_tokens
-    model.setup_cache(len(prompts), capacity)
+    model.setup_cache(len(prompts), P + width + max_new_tokens)
     if prefix:
         model.load_prefix(prefix.keys, prefix.values)
-    ids, valid, positions, mask, lengths = prefill_inputs(prompts, pad_id, capacity, device, P)
+    ids, valid, positions, mask, lengths = prefill_inputs(prompts, pad_id, model.max_seq, device, P)
     broadcast = sampling.temperature > 0 and dist.is_initialized() and dist.get_world_size() > 1
 
     def pick(logits):
@@ -165,17 +165,20 @@ def generate(model: InternLM, prompts: list[list[int]], max_new_tokens: int, eos
             synchronize(device)
         return time.perf_counter()
 
+    # Every row continues after the last slot of the left-padded batch, each at its own position.
+    state = model.step
+    state.valid.copy_(valid)
+    torch.add(lengths, P, out=state.positions)
+    state.slots.fill_(P + width)
     check_every = eos_check_interval(device.type)
     steps, t1 = 0, time.perf_counter()
     for step in range(1, max_new_tokens):
         if stops and (step - 1) % check_every == 0 and all_finished(finished):
             break
         ta = clock()
-        slot = P + width + step - 1
-        valid[:, slot] = True
-        pos = (lengths + P + step - 1).unsqueeze(1)
+        state.tokens.copy_(token)
         tb = clock()
-        logits = model(token.unsqueeze(1), pos, None if mask is None else valid[:, None, None, : slot + 1], slot)
+        logits = model.decode(state)
         tc = clock()
         token = pick(logits).masked_fill(finished, stops[0] if stops else -1)
         out.append(token)
@@ -190,6 +193,24 @@ def generate(model: InternLM, prompts: list[list[int]], max_new_tokens: int, eos
     table = torch.stack(out, dim=1).tolist()
     tokens = [_through_first_stop(row, stops) for row in table]
     return Generation(tokens, first_ms, next_ms, steps, pre_ms, forward_ms, post_ms)
+
+
+@torch.inference_mode()
+def admit(model: InternLM, row: int, ids: list[int]) -> torch.Tensor:
+    """Prefill `ids` alone into row `row` of the cache (slots [0, len)) while the other rows stay where
+    they are in their own sequences, and point the row's decode inputs after it. Returns the logits
+    [vocab] of its next token; that token is the caller's to put in model.step.tokens[row]."""
+    if not ids or len(ids) >= model.max_seq:
+        raise ValueError(f"a prompt of {len(ids)} tokens does not fit a cache of {model.max_seq} slots")
+    with model.cache_row(row):
+        positions = torch.arange(len(ids), device=model.device).unsqueeze(0)
+        logits = model(torch.tensor([ids], device=model.device), positions, None, 0)
+    state = model.step
+    state.valid[row] = False
+    state.valid[row, :len(ids)] = True
+    state.positions[row] = len(ids)
+    state.slots[row] = len(ids)
+    return logits[0, -1]
 
 
 @torch.inference_mode()

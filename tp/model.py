@@ -9,6 +9,8 @@ fused into one column-parallel matmul each; the loader places the source slices 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -89,17 +91,59 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache(nn.Module):
     """Preallocated keys and values [batch, local kv heads, max_seq, head_dim], written in place."""
 
-    def __init__(self, batch: int, heads: int, max_seq: int, head_dim: int, dtype: torch.dtype, device=None):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
         super().__init__()
+        self.register_buffer("k", k, persistent=False)
+        self.register_buffer("v", v, persistent=False)
+        self.register_buffer("rows", torch.arange(k.shape[0], device=k.device), persistent=False)
+
+    @classmethod
+    def zeros(cls, batch: int, heads: int, max_seq: int, head_dim: int, dtype: torch.dtype, device=None) -> "KVCache":
         shape = (batch, heads, max_seq, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    def row(self, b: int) -> "KVCache":
+        """Row b alone, as a batch of one: a view, so what is written lands in this cache."""
+        return KVCache(self.k[b:b + 1], self.v[b:b + 1])
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         stop = start + k.shape[2]
         self.k[:, :, start:stop] = k
         self.v[:, :, start:stop] = v
         return self.k[:, :, :stop], self.v[:, :, :stop]
+
+    def write_rows(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Row b's one new key and value [B, KVH, 1, D] into its own slot slots[b], on the device."""
+        self.k[self.rows, :, slots] = k[:, :, 0]
+        self.v[self.rows, :, slots] = v[:, :, 0]
+
+
+@dataclass
+class DecodeStep:
+    """The decode step's inputs: fixed-shape tensors on the model's device, one entry a row, each row at
+    its own point of its own sequence. They are written in place between steps, never reallocated, and
+    nothing in the step reads them back to the host or depends on a Python value that changes from one
+    step to the next: what a captured graph needs, and what continuous batching needs (a row admitted
+    later simply has other positions and slots).
+
+    tokens [B]: each row's last token; positions [B]: its rotary position; slots [B]: the cache slot its
+    key and value go to; valid [B, capacity]: the cache slots each row attends (the step adds its new
+    slot); lengths [B]: slots + 1, how far the CPU kernel reads each row's cache.
+    """
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    slots: torch.Tensor
+    valid: torch.Tensor
+    lengths: torch.Tensor
+
+    @classmethod
+    def allocate(cls, batch: int, capacity: int, device=None) -> "DecodeStep":
+        def longs():
+            return torch.zeros(batch, dtype=torch.long, device=device)
+        return cls(longs(), longs(), longs(), torch.zeros(batch, capacity, dtype=torch.bool, device=device), longs())
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.tokens, self.positions, self.slots, self.valid, self.lengths]
 
 
 class Attention(nn.Module):
@@ -117,20 +161,16 @@ class Attention(nn.Module):
         self.decode_path: str | None = None  # tp.decode_attention's choice, on the CPU
         self.prefill_path = "sdpa"  # tp.prefill_attention's choice, on the CPU
 
-    def forward(self, x, cos, sin, mask, start: int):
+    def forward(self, x, cos, sin, mask, start: int, step: DecodeStep | None = None):
+        if step is not None:
+            return self.decode(x, cos, sin, step)
         b, t, _ = x.shape
-        qkv = self.qkv_proj(x)
-        into_cache = cpu_kernels.op_for("rope_into_cache", qkv, MAX_ROWS) if t == 1 else None
-        if into_cache is not None:  # decode on the CPU: the ropes and the cache writes in one call
-            q = into_cache(qkv.view(b, -1), cos, sin, self.cache.k, self.cache.v, start, self.local_heads)
-            k, v = self.cache.k[:, :, :start + 1], self.cache.v[:, :, :start + 1]
-        else:
-            qkv = qkv.view(b, t, self.local_heads + 2 * self.local_kv_heads, self.head_dim).transpose(1, 2)
-            q, k, v = qkv.split([self.local_heads, self.local_kv_heads, self.local_kv_heads], dim=1)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            k, v = self.cache.update(start, k, v)
+        qkv = self.qkv_proj(x).view(b, t, self.local_heads + 2 * self.local_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = qkv.split([self.local_heads, self.local_kv_heads, self.local_kv_heads], dim=1)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = self.cache.update(start, k, v)
         scale = 1.0 / math.sqrt(self.head_dim)
-        if t == 1 and x.device.type == "cpu":  # decode: the path measured fastest on this host
+        if t == 1 and x.device.type == "cpu":  # a one-token prompt: the decode path measured fastest here
             if self.decode_path is None:
                 self.decode_path = decode_attention.candidates(q.dtype)[0]
             y = decode_attention.run(self.decode_path, q, k, v, scale, mask)
@@ -142,6 +182,29 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, scale=scale,
                                                enable_gqa=self.local_kv_heads != self.local_heads)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.local_heads * self.head_dim))
+
+    def decode(self, x, cos, sin, step: DecodeStep):
+        """One new token a row [B, 1, hidden], row b's key and value into slot step.slots[b], attention
+        over the whole cache where step.valid allows (on the CPU, each row read only to its length)."""
+        b = x.shape[0]
+        qkv = self.qkv_proj(x)
+        into_cache = cpu_kernels.op_for("rope_into_cache", qkv, MAX_ROWS)
+        if into_cache is not None:  # the ropes and the cache writes in one call
+            q = into_cache(qkv.view(b, -1), cos, sin, self.cache.k, self.cache.v, step.slots, self.local_heads)
+        else:
+            qkv = qkv.view(b, 1, self.local_heads + 2 * self.local_kv_heads, self.head_dim).transpose(1, 2)
+            q, k, v = qkv.split([self.local_heads, self.local_kv_heads, self.local_kv_heads], dim=1)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            self.cache.write_rows(step.slots, k, v)
+        scale, mask = 1.0 / math.sqrt(self.head_dim), step.valid[:, None, None, :]
+        if x.device.type == "cpu":  # the path measured fastest on this host
+            if self.decode_path is None:
+                self.decode_path = decode_attention.candidates(q.dtype)[0]
+            y = decode_attention.run(self.decode_path, q, self.cache.k, self.cache.v, scale, mask, step.lengths)
+        else:
+            y = F.scaled_dot_product_attention(q, self.cache.k, self.cache.v, attn_mask=mask, scale=scale,
+                                               enable_gqa=self.local_kv_heads != self.local_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(b, 1, self.local_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -168,7 +231,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.mlp = MLP(cfg, world_size, dtype, device, int8)
 
-    def forward(self, x, residual, cos, sin, mask, start: int):
+    def forward(self, x, residual, cos, sin, mask, start: int, step: DecodeStep | None = None):
         """x: the previous layer's output, residual: the stream before it (None for the first layer:
         x is the embedding). Returns this layer's output and the stream it is to be added to, so each
         add is done with the norm after it (RMSNorm.add_and_norm)."""
@@ -176,7 +239,8 @@ class DecoderLayer(nn.Module):
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm.add_and_norm(x, residual)
-        h, residual = self.post_attention_layernorm.add_and_norm(self.self_attn(h, cos, sin, mask, start), residual)
+        h, residual = self.post_attention_layernorm.add_and_norm(self.self_attn(h, cos, sin, mask, start, step),
+                                                                 residual)
         return self.mlp(h), residual
 
 
@@ -216,6 +280,7 @@ class InternLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
             self.lm_head.weight_scale = self.model.embed_tokens.weight_scale
         self.max_seq, self.rope_len = 0, 0
+        self.step: DecodeStep | None = None  # the decode step's inputs, allocated with the cache
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
@@ -263,9 +328,24 @@ class InternLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.cache = None  # free the old cache before allocating the new one
         for layer in self.model.layers:
-            layer.self_attn.cache = KVCache(batch, heads, max_seq, self.cfg.head_dim, self.dtype, self.device)
+            layer.self_attn.cache = KVCache.zeros(batch, heads, max_seq, self.cfg.head_dim, self.dtype, self.device)
         self.max_seq = max_seq
+        self.step = DecodeStep.allocate(batch, max_seq, self.device)
         self._set_rope(max_seq)
+
+    @contextmanager
+    def cache_row(self, b: int):
+        """Within it, the model runs on row b of the cache alone, as a batch of one: a prompt admitted
+        into a batch whose other rows are elsewhere in their sequences."""
+        attentions = self.attentions()
+        whole = [a.cache for a in attentions]
+        for a, cache in zip(attentions, whole):
+            a.cache = cache.row(b)
+        try:
+            yield
+        finally:
+            for a, cache in zip(attentions, whole):
+                a.cache = cache
 
     def cache_prefix(self, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Copies of the first `length` slots of row 0 of every layer's keys and values."""
@@ -298,5 +378,25 @@ class InternLM(nn.Module):
             x, residual = layer(x, residual, cos, sin, mask, start)
         if last_only:
             x, residual = x[:, -1:], None if residual is None else residual[:, -1:]
+        return self._logits(x, residual)
+
+    def _logits(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         norm = self.model.norm
         return self.lm_head(norm(x) if residual is None else norm.add_and_norm(x, residual)[0])
+
+    @torch.inference_mode()
+    def decode(self, step: DecodeStep) -> torch.Tensor:
+        """Logits [B, 1, vocab] after each row's token step.tokens[b] at its position and cache slot;
+        then every row moves on by one (positions and slots + 1), ready for the next step. Fixed
+        shapes, no read back to the host, the same Python values every step (DecodeStep)."""
+        step.valid.scatter_(1, step.slots[:, None], True)
+        torch.add(step.slots, 1, out=step.lengths)
+        b = step.tokens.shape[0]
+        cos = self.rope_cos[step.positions].view(b, 1, 1, -1)
+        sin = self.rope_sin[step.positions].view(b, 1, 1, -1)
+        x, residual = self.model.embed_tokens(step.tokens[:, None]), None
+        for layer in self.model.layers:
+            x, residual = layer(x, residual, cos, sin, None, 0, step)
+        step.positions += 1
+        step.slots += 1
+        return self._logits(x, residual)

@@ -5,6 +5,8 @@
 //   k, v  [B, KVH, L, D]  q's dtype, the cache's first L slots (any strides but the last dimension's);
 //                         query head h reads kv head h / (H / KVH) (grouped-query attention)
 //   mask  [B, L] bool or None: the keys each sequence may attend (left padding is False)
+//   lengths [B] int64 or None: sequence b reads only keys [0, lengths[b]): a cache allocated for the
+//         longest row is read, for each row, only as far as that row has come
 //   out   [B, H, 1, D]    q's dtype: softmax(scale q k^T) v, computed in float32, rounded once
 //
 // Why not SDPA: for one query row its CPU kernel spends its time in set-up, and on a CPU without
@@ -52,7 +54,7 @@ void axpy(float p, const T* v, float* out, int64_t D) {
 
 template <typename T>
 void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, const bool* mask,
-            at::Tensor& out) {
+            const int64_t* lengths, at::Tensor& out) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), KVH = k.size(1), L = k.size(2);
   const int64_t group = H / KVH;
   const T* qp = q.data_ptr<T>();
@@ -68,15 +70,16 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, doubl
       const T* keys = kp + b * k.stride(0) + kvh * k.stride(1);
       const T* values = vp + b * v.stride(0) + kvh * v.stride(1);
       const bool* allowed = mask ? mask + b * L : nullptr;
+      const int64_t keys_read = lengths ? lengths[b] : L;
       float top = -std::numeric_limits<float>::infinity();
-      for (int64_t l = 0; l < L; ++l) {
+      for (int64_t l = 0; l < keys_read; ++l) {
         if (allowed && !allowed[l]) continue;
         scores[l] = dot(qf.data(), keys + l * k.stride(2), D) * static_cast<float>(scale);
         top = std::max(top, scores[l]);
       }
       std::fill(acc.begin(), acc.end(), 0.0f);
       float total = 0.0f;
-      for (int64_t l = 0; l < L; ++l) {
+      for (int64_t l = 0; l < keys_read; ++l) {
         if (allowed && !allowed[l]) continue;
         const float p = std::exp(scores[l] - top);
         total += p;
@@ -91,7 +94,7 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, doubl
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                            const std::optional<at::Tensor>& mask) {
+                            const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& lengths) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "decode_attention runs on the CPU");
   TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && q.is_contiguous(), "q: contiguous [B, H, 1, D]");
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, "q: float32 or bfloat16");
@@ -107,15 +110,24 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                 "mask: bool [B, L]");
     mp = m.data_ptr<bool>();
   }
+  const int64_t* lp = nullptr;
+  if (lengths.has_value()) {
+    TORCH_CHECK(lengths->device().is_cpu() && lengths->scalar_type() == at::kLong && lengths->dim() == 1 &&
+                lengths->size(0) == q.size(0) && lengths->is_contiguous(), "lengths: contiguous int64 [B]");
+    lp = lengths->data_ptr<int64_t>();
+    for (int64_t b = 0; b < q.size(0); ++b)
+      TORCH_CHECK(0 <= lp[b] && lp[b] <= k.size(2), "lengths[", b, "] = ", lp[b], " outside [0, ", k.size(2), "]");
+  }
   at::Tensor out = at::empty(q.sizes(), q.options());
   if (q.numel() == 0) return out;
-  if (q.scalar_type() == at::kFloat) attend<float>(q, k, v, scale, mp, out);
-  else attend<c10::BFloat16>(q, k, v, scale, mp, out);
+  if (q.scalar_type() == at::kFloat) attend<float>(q, k, v, scale, mp, lp, out);
+  else attend<c10::BFloat16>(q, k, v, scale, mp, lp, out);
   return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(OPS_NAMESPACE, m) {
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? mask=None) -> Tensor", decode_attention);
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? mask=None, "
+        "Tensor? lengths=None) -> Tensor", decode_attention);
 }

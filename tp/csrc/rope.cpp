@@ -9,11 +9,12 @@
 //   out       [B, H, T, D] contiguous: x * cos + rotate_half(x) * sin, each product and the sum
 //             rounded to x's dtype as torch's elementwise ops do (built with -ffp-contract=off)
 //
-// rope_into_cache(qkv, cos, sin, k_cache, v_cache, slot, heads) -> q   (decode: one token a sequence)
+// rope_into_cache(qkv, cos, sin, k_cache, v_cache, slots, heads) -> q   (decode: one token a sequence)
 //   qkv       [B, (heads + 2 KVH) D] contiguous: the fused projection's output, q then k then v heads
 //   cos, sin  [B, 1, 1, D] contiguous, qkv's dtype
-//   k_cache, v_cache  [B, KVH, S, D] contiguous, qkv's dtype: slot `slot` of every row gets k with
+//   k_cache, v_cache  [B, KVH, S, D] contiguous, qkv's dtype: slot slots[b] of row b gets k with
 //             the rotary embedding (as rope) and v as it is
+//   slots     [B] int64: each row's own slot (rows need not be at the same point of their sequence)
 //   q         [B, heads, 1, D] contiguous, with the rotary embedding
 // The same values as rope on q and k and two cache copies; one call instead of ~12 per layer and
 // step (view, transpose, split, two ropes, slices, two copies), whose dispatch was most of it.
@@ -68,7 +69,7 @@ void rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, a
 // waking another would cost more than it saves.
 template <typename T>
 void rotate_into_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
-                       at::Tensor& v_cache, int64_t slot, int64_t heads, at::Tensor& q) {
+                       at::Tensor& v_cache, const int64_t* slot, int64_t heads, at::Tensor& q) {
   const int64_t B = qkv.size(0), KVH = k_cache.size(1), S = k_cache.size(2), D = k_cache.size(3);
   const int64_t rotated = heads + KVH, per_row = (heads + 2 * KVH) * D;
   const T* xp = qkv.data_ptr<T>();
@@ -80,13 +81,13 @@ void rotate_into_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::T
   at::parallel_for(0, B * rotated, std::max<int64_t>(1, (16 << 10) / D), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / rotated, h = row % rotated;
-      T* o = h < heads ? qp + (b * heads + h) * D : kp + ((b * KVH + h - heads) * S + slot) * D;
+      T* o = h < heads ? qp + (b * heads + h) * D : kp + ((b * KVH + h - heads) * S + slot[b]) * D;
       rotate_row(xp + b * per_row + h * D, cp + b * D, sp + b * D, o, D);
     }
   });
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < KVH; ++h)
-      std::memcpy(vp + ((b * KVH + h) * S + slot) * D, xp + b * per_row + (heads + KVH + h) * D, D * sizeof(T));
+      std::memcpy(vp + ((b * KVH + h) * S + slot[b]) * D, xp + b * per_row + (heads + KVH + h) * D, D * sizeof(T));
 }
 
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
@@ -105,7 +106,7 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
 }
 
 at::Tensor rope_into_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache,
-                           at::Tensor v_cache, int64_t slot, int64_t heads) {
+                           at::Tensor v_cache, const at::Tensor& slots, int64_t heads) {
   TORCH_CHECK(qkv.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
               "rope_into_cache runs on the CPU");
   TORCH_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kBFloat16, "qkv: float32 or bfloat16");
@@ -119,7 +120,10 @@ at::Tensor rope_into_cache(const at::Tensor& qkv, const at::Tensor& cos, const a
   for (const at::Tensor* t : {&cos, &sin})
     TORCH_CHECK(t->scalar_type() == qkv.scalar_type() && t->is_contiguous() && t->dim() == 4 && t->size(0) == B &&
                 t->size(1) == 1 && t->size(2) == 1 && t->size(3) == D, "cos, sin: contiguous [B, 1, 1, D] in qkv's dtype");
-  TORCH_CHECK(0 <= slot && slot < S, "slot ", slot, " outside the cache's ", S);
+  TORCH_CHECK(slots.device().is_cpu() && slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.size(0) == B &&
+              slots.is_contiguous(), "slots: contiguous int64 [B]");
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(0 <= slot[b] && slot[b] < S, "slot ", slot[b], " outside the cache's ", S);
   at::Tensor q = at::empty({B, heads, 1, D}, qkv.options());
   if (qkv.scalar_type() == at::kFloat) rotate_into_cache<float>(qkv, cos, sin, k_cache, v_cache, slot, heads, q);
   else rotate_into_cache<c10::BFloat16>(qkv, cos, sin, k_cache, v_cache, slot, heads, q);
@@ -130,6 +134,6 @@ at::Tensor rope_into_cache(const at::Tensor& qkv, const at::Tensor& cos, const a
 
 TORCH_LIBRARY_FRAGMENT(OPS_NAMESPACE, m) {
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor", rope);
-  m.def("rope_into_cache(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int slot, "
+  m.def("rope_into_cache(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, "
         "int heads) -> Tensor", rope_into_cache);
 }
