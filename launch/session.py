@@ -64,8 +64,8 @@ class Session:
         cls._current = None
 
     def model(self, path: str, dtype: str, quantize: str = "auto", quantize_lm_head: bool = True,
-              quantize_embedding: bool = True) -> tuple[InternLM, Tokenizer]:
-        key = (path, dtype, quantize, quantize_lm_head, quantize_embedding)
+              quantize_embedding: bool = True, graphs: str = "auto") -> tuple[InternLM, Tokenizer]:
+        key = (path, dtype, quantize, quantize_lm_head, quantize_embedding, graphs)
         if key not in self.models:
             self.models.clear()  # one model resident at a time
             try:
@@ -74,7 +74,7 @@ class Session:
                 # world size is load_model's to name.
                 tokenizer = Tokenizer(files) if (Path(files) / "config.json").is_file() else None
                 model = load_model(path, self.dist.rank, self.dist.world_size, self.dist.device, dtype,
-                                   quantize, quantize_lm_head, quantize_embedding)
+                                   quantize, quantize_lm_head, quantize_embedding, graphs)
                 tokenizer = tokenizer or Tokenizer(files)
             except USER_ERRORS as err:
                 raise UserError(str(err)) from err
@@ -86,13 +86,13 @@ class Session:
         return self.models[key]
 
     def model_for(self, cfg) -> tuple[InternLM, Tokenizer]:
-        """The model the composed config names (`model.path`, `dtype`, `model.quantize`)."""
+        """The model the composed config names (`model.path`, `dtype`, `model.quantize`, `graphs`)."""
         if OmegaConf.is_missing(cfg.model, "path") or not cfg.model.get("path"):
             raise UserError("model.path is required: a published checkpoint directory or a cut "
                             "(e.g. model.path=/data/internlm-7b)")
         return self.model(str(cfg.model.path), str(cfg.dtype), str(cfg.model.get("quantize", "auto")),
                           bool(cfg.model.get("quantize_lm_head", True)),
-                          bool(cfg.model.get("quantize_embedding", True)))
+                          bool(cfg.model.get("quantize_embedding", True)), str(cfg.get("graphs", "auto")))
 
     def generator(self, seed: int) -> torch.Generator:
         """On the rank's device, so sampling stays there; the same seed on every rank."""

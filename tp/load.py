@@ -10,6 +10,8 @@ import torch
 from tp import decode_attention, decode_matmul, hugepages, malloc, prefill_attention
 from tp.checkpoint import READ_BLOCK_BYTES, CheckpointError, CheckpointReader, read_shard
 from tp.config import ModelConfig
+from tp.graphs import DecodeGraphs
+from tp.graphs import enabled as graphs_enabled
 from tp.model import InternLM
 from tp.partition import is_cut, open_partition
 from tp.quant import check_choice, is_quantized, lm_head_quantized, quantize_rows, scale_name
@@ -108,9 +110,10 @@ def resolve_quantize(requested: str, cut_manifest: dict | None) -> str:
 
 def load_model(path: str | Path, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
                dtype: str = "auto", quantize: str = "auto", quantize_lm_head: bool = True,
-               quantize_embedding: bool = True) -> InternLM:
+               quantize_embedding: bool = True, graphs: str = "auto") -> InternLM:
     """A rank's model from a cut directory (its own `rank_r/`) or from an uncut published checkpoint
-    (reading only its own slices, through mmap/safetensors; quantize=int8 quantizes them on the way)."""
+    (reading only its own slices, through mmap/safetensors; quantize=int8 quantizes them on the way).
+    graphs: auto | off, whether the decode step is replayed from a captured graph (tp.graphs)."""
     device = torch.device(device)
     cut = is_cut(path)
     manifest = None
@@ -121,6 +124,7 @@ def load_model(path: str | Path, rank: int = 0, world_size: int = 1, device: tor
     else:
         directory = Path(path)
     quantize = resolve_quantize(quantize, manifest)
+    replay = graphs_enabled(graphs, device.type)  # a bad setting refused before any weight is read
     cfg = ModelConfig.load(directory)
     cfg.check_divisible(world_size)
     quantize_lm_head = lm_head_quantized(cfg.tie_word_embeddings, quantize_lm_head, quantize_embedding)
@@ -152,6 +156,8 @@ def load_model(path: str | Path, rank: int = 0, world_size: int = 1, device: tor
     if device.type == "cpu":  # before fill writes them: the pages are chosen at first touch
         advised = hugepages.advise(model.parameters())
     fill(model, local, expected)
+    if replay:
+        model.graphs = DecodeGraphs(model)
     if device.type == "cpu":
         if advised:
             log.info("weights: %.0f MB advised for transparent huge pages, %.0f MB landed on them",

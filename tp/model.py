@@ -281,6 +281,7 @@ class InternLM(nn.Module):
             self.lm_head.weight_scale = self.model.embed_tokens.weight_scale
         self.max_seq, self.rope_len = 0, 0
         self.step: DecodeStep | None = None  # the decode step's inputs, allocated with the cache
+        self.graphs = None  # tp.graphs.DecodeGraphs where the step is replayed from a graph
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
@@ -331,6 +332,8 @@ class InternLM(nn.Module):
             layer.self_attn.cache = KVCache.zeros(batch, heads, max_seq, self.cfg.head_dim, self.dtype, self.device)
         self.max_seq = max_seq
         self.step = DecodeStep.allocate(batch, max_seq, self.device)
+        if self.graphs is not None:
+            self.graphs.reset()  # it was captured on the old cache
         self._set_rope(max_seq)
 
     @contextmanager
@@ -384,11 +387,17 @@ class InternLM(nn.Module):
         norm = self.model.norm
         return self.lm_head(norm(x) if residual is None else norm.add_and_norm(x, residual)[0])
 
-    @torch.inference_mode()
     def decode(self, step: DecodeStep) -> torch.Tensor:
         """Logits [B, 1, vocab] after each row's token step.tokens[b] at its position and cache slot;
-        then every row moves on by one (positions and slots + 1), ready for the next step. Fixed
-        shapes, no read back to the host, the same Python values every step (DecodeStep)."""
+        then every row moves on by one (positions and slots + 1), ready for the next step. Replayed
+        from a captured graph where `graphs` is set (tp.graphs: on accelerators), else run eagerly.
+        On a graph the logits tensor is the graph's own: read it before the next step."""
+        return self.graphs(step) if self.graphs is not None else self.decode_eager(step)
+
+    @torch.inference_mode()
+    def decode_eager(self, step: DecodeStep) -> torch.Tensor:
+        """`decode` op by op: fixed shapes, no read back to the host, the same Python values every
+        step (DecodeStep), so that it can be captured."""
         step.valid.scatter_(1, step.slots[:, None], True)
         torch.add(step.slots, 1, out=step.lengths)
         b = step.tokens.shape[0]

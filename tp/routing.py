@@ -9,6 +9,12 @@ for `npu` and `cuda` too, where no such device is present. Each encodes a docume
 - torch.mv on NPU (aclnnMv) takes fp16/fp32 only; on every accelerator F.linear is the GEMV anyway.
 - A device-to-host read (bool(t), t.item(), t.tolist()) waits for every queued kernel: on an
   accelerator the host then cannot queue step n+1 while the device runs step n.
+- Graph capture (torch.cuda.CUDAGraph; torch_npu's torch.npu.NPUGraph, Ascend/pytorch
+  docs/zh/developer_notes/npugraph.md): fixed shapes, no host synchronisation, inputs written in
+  place (what tp.model.DecodeStep gives); on the NPU only aclnn operators can be captured (our NPU
+  int8 matmul, npu_weight_quant_batchmatmul, is one) and each captured graph holds device streams
+  from a budget (vllm-ascend's ACL graph notes: ~1800 a device, fewer with collectives): we keep
+  one at a time (tp.graphs). Where torch_npu has no NPUGraph, the step runs eagerly.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import torch
 NPU_WEIGHT_QUANT_MAX_DIM = 65535
 NPU_WEIGHT_QUANT_DTYPES = (torch.float16, torch.bfloat16)
 EOS_CHECK_EVERY = 8  # decode steps between looks at "has every sequence ended?" on an accelerator
+GRAPH_SETTINGS = ("auto", "off")
 
 
 def reduction_dtype(device_type: str) -> torch.dtype:
@@ -57,3 +64,18 @@ def hccl_environment(timeout_s: float, environ: dict[str, str]) -> dict[str, str
     so ranks whose loads differ by minutes fail there; Ascend's launch scripts export 1200."""
     seconds = str(max(120, int(timeout_s)))
     return {k: seconds for k in ("HCCL_CONNECT_TIMEOUT", "HCCL_EXEC_TIMEOUT") if k not in environ}
+
+
+def graphs_route(setting: str, device_type: str, npu_has_graphs: bool = False) -> tuple[bool, str]:
+    """(capture the decode step as a graph?, why not) for `graphs=auto|off`: auto captures on CUDA,
+    and on an NPU whose torch_npu has NPUGraph; the CPU runs eagerly (a launch costs nothing there,
+    and its kernels already read each row only to its length)."""
+    if setting not in GRAPH_SETTINGS:
+        raise ValueError(f"graphs={setting!r}: expected one of {', '.join(GRAPH_SETTINGS)}")
+    if setting == "off":
+        return False, "graphs=off"
+    if device_type == "cuda":
+        return True, ""
+    if device_type == "npu":
+        return (True, "") if npu_has_graphs else (False, "this torch_npu has no torch.npu.NPUGraph")
+    return False, f"no graphs on {device_type}: the step runs eagerly"
