@@ -13,8 +13,9 @@ through the loader's own `fill` (tp/load.py). Measured, each the best of REPEATS
     logits' error after a 512-token prompt against transformers in float32 on the same
     (bfloat16-valued) weights: ours and transformers' in bfloat16, ours int8 and ours float32;
   - the GPU's busy time in a decode step (the profiler's kernel time): what a step would take if the
-    host never made the GPU wait. Ours runs eagerly here (no CUDA graphs): one step is one Python pass
-    over 32 layers.
+    host never made the GPU wait;
+  - ours eagerly (one Python pass over 32 layers a step) and with the step replayed from a CUDA graph
+    (tp/graphs.py), bfloat16 and int8, and whether the graph's greedy tokens equal the eager ones.
 """
 from __future__ import annotations
 
@@ -123,8 +124,11 @@ def gpu_busy_ms(model, vocab: int, steps: int = 16) -> float | None:
     return (sum(e.self_device_time_total for e in prof.key_averages()) - prefill) / steps / 1e3
 
 
-def time_ours(model, vocab: int) -> dict:
+def time_ours(model, vocab: int, graphs: bool = False) -> dict:
+    """Eager, or with the decode step replayed from a graph (captured at the first step of each cache)."""
     from tp.generate import generate
+    from tp.graphs import DecodeGraphs
+    model.graphs = DecodeGraphs(model) if graphs else None
     short, long = [prompt(PROMPT_LEN, vocab)], [prompt(PREFILL_LEN, vocab)]
     generate(model, short, 4, eos_id=-1)  # warm-up
     runs = [generate(model, short, 1 + NEW_TOKENS, eos_id=-1) for _ in range(REPEATS)]
@@ -185,8 +189,14 @@ def main() -> None:
         result["step_GB"] = ours.decode_weight_bytes(1) / 1e9
         print(f"{shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}, bfloat16: {result['step_GB']:.2f} GB "
               f"read a step; read roofline {result['roofline_GBps']:.0f} GB/s", flush=True)
+        graphs = device.type == "cuda"
         result["ours_bf16"] = time_ours(ours, vocab)
         print("ours bfloat16:", {k: v for k, v in result["ours_bf16"].items() if k != "tokens"}, flush=True)
+        if graphs:
+            result["ours_bf16_graphs"] = time_ours(ours, vocab, graphs=True)
+            print("ours bfloat16, graphs:", {k: v for k, v in result["ours_bf16_graphs"].items() if k != "tokens"},
+                  flush=True)
+            ours.graphs = None
         result["transformers_bf16"] = time_transformers(hf, vocab, device)
         print("transformers bfloat16:", {k: v for k, v in result["transformers_bf16"].items() if k != "tokens"}, flush=True)
         int8 = build_ours(config_dir, state, device, "int8")  # the same weights, quantized per row
@@ -212,6 +222,8 @@ def main() -> None:
             torch.cuda.empty_cache()
         result["int8_step_GB"] = int8.decode_weight_bytes(1) / 1e9
         result["ours_int8"] = time_ours(int8, vocab)
+        if graphs:
+            result["ours_int8_graphs"] = time_ours(int8, vocab, graphs=True)
     report(result)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
@@ -231,6 +243,14 @@ def report(r: dict) -> None:
     busy = [(name, x["gpu_busy_ms_per_step"]) for name, x in (("bfloat16", ours), ("int8", int8))]
     if all(ms is not None for _, ms in busy):
         print("GPU busy per decode step (kernel time): " + ", ".join(f"ours {n} {ms:.2f} ms" for n, ms in busy))
+    if "ours_bf16_graphs" not in r:
+        print("graphs: not on this device (the CPU runs the step eagerly)")
+        return
+    g, g8 = r["ours_bf16_graphs"], r["ours_int8_graphs"]
+    print(f"with graphs: bfloat16 {g['next_token_ms']:.2f} ms ({roof_ms / g['next_token_ms']:.0%} of the roofline, "
+          f"{hf['next_token_ms'] / g['next_token_ms']:.2f}x transformers; bars >= 75% and >= 2.5x), "
+          f"int8 {g8['next_token_ms']:.2f} ms ({g['next_token_ms'] / g8['next_token_ms']:.2f}x our bfloat16; bar >= 1.4x)")
+    print(f"graph tokens equal eager tokens: bfloat16 {g['tokens'] == ours['tokens']}, int8 {g8['tokens'] == int8['tokens']}")
 
 
 if __name__ == "__main__":

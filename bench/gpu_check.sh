@@ -4,9 +4,11 @@
 # .whl/, see README "What ran where"). Each step's log lands in $OUT; a failed step does not stop the rest.
 #   1. tests/test_tp_equivalence.py --device cuda: ours on the GPU (NCCL, a rank per GPU) against
 #      transformers in float32, greedy tokens and logits;
-#   2. the launcher on device=cuda with the tiny model: task=inference, precision (the demo
-#      questions), performance;
-#   3. bench/gpu.py: the InternLM-7B shape in bfloat16 and int8 against the read roofline and transformers.
+#   2. the launcher on device=cuda with the tiny model (graphs=auto: the decode step replayed from a
+#      CUDA graph): task=inference, precision (the demo questions), performance;
+#   3. bench/gpu.py: the InternLM-7B shape in bfloat16 and int8, eager and with graphs, against the read
+#      roofline and transformers, graph tokens against eager tokens.
+# Check it on the CPU first: python bench/gpu.py --smoke.
 set -u
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
