@@ -15,6 +15,7 @@ import re
 import torch
 import torch.nn.functional as F
 
+from tp import triton_int8
 from tp.routing import int8_route
 
 log = logging.getLogger("internlm_tp")
@@ -115,11 +116,14 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, compute: 
 
     For prefill-sized inputs (a few rows of x on the CPU go through tp.decode_matmul's choice instead):
     `dequantized_linear`, for the float GEMM is ~6x faster than torch's int8 kernel at 512 rows.
-    NPU: torch_npu.npu_weight_quant_batchmatmul where its documented limits allow (tp.routing), else
-    the dequantizing path, said once per reason.
+    NPU: torch_npu.npu_weight_quant_batchmatmul where its documented limits allow (tp.routing); CUDA
+    decode rows: tp.triton_int8's kernel; else the dequantizing path, said once per reason.
     """
     lead, k = x.shape[:-1], x.shape[-1]
-    route, why = int8_route(x.device.type, x.dtype, q.shape[0], k)
+    rows = x.numel() // k if k else 0
+    route, why = int8_route(x.device.type, x.dtype, q.shape[0], k, rows, x.is_cuda and triton_int8.available())
+    if route == "triton":
+        return triton_int8.int8_rows_linear(x, q, scale)
     if route == "npu_weight_quant":
         import torch_npu
         if hasattr(torch_npu, "npu_weight_quant_batchmatmul"):

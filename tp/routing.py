@@ -24,6 +24,7 @@ NPU_WEIGHT_QUANT_MAX_DIM = 65535
 NPU_WEIGHT_QUANT_DTYPES = (torch.float16, torch.bfloat16)
 EOS_CHECK_EVERY = 8  # decode steps between looks at "has every sequence ended?" on an accelerator
 GRAPH_SETTINGS = ("auto", "off")
+TRITON_INT8_MAX_ROWS = 16  # decode rows; more (prefill) are a GEMM's, through the dequantizing path
 
 
 def reduction_dtype(device_type: str) -> torch.dtype:
@@ -38,10 +39,19 @@ def matmul_route(device_type: str, rows: int, max_rows: int) -> str:
     return "decode" if device_type == "cpu" and 0 < rows <= max_rows else "linear"
 
 
-def int8_route(device_type: str, x_dtype: torch.dtype, n: int, k: int) -> tuple[str, str]:
-    """(route, why) for an int8 weight [n, k] times `x_dtype` activations off the CPU's decode path:
-    'npu_weight_quant' (the fused NPU op) where its documented limits allow, else 'dequant' (the
-    weight converted block by block, then the float matmul)."""
+def int8_route(device_type: str, x_dtype: torch.dtype, n: int, k: int, rows: int = 0,
+               triton: bool = False) -> tuple[str, str]:
+    """(route, why) for an int8 weight [n, k] times `rows` rows of `x_dtype` activations off the CPU's
+    decode path: 'npu_weight_quant' (the fused NPU op) where its documented limits allow; on CUDA
+    'triton' (tp.triton_int8: the weight widened inside the matmul) for decode rows (1 to
+    TRITON_INT8_MAX_ROWS) of float16/bfloat16 where Triton is installed; else 'dequant' (the weight
+    converted block by block, then the float GEMM, which prefill's many rows want anyway)."""
+    if device_type == "cuda":
+        if not 0 < rows <= TRITON_INT8_MAX_ROWS:
+            return "dequant", ""
+        if x_dtype not in (torch.float16, torch.bfloat16):
+            return "dequant", f"the fused int8 kernel takes float16/bfloat16 activations, not {x_dtype}"
+        return ("triton", "") if triton else ("dequant", "Triton is not installed")
     if device_type != "npu":
         return "dequant", ""
     if x_dtype not in NPU_WEIGHT_QUANT_DTYPES:
