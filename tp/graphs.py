@@ -12,6 +12,11 @@ same memory pool. Before capture, two eager steps run on a side stream (the docu
 initialisations and allocator state), and every rank passes a barrier, so that no rank records its
 collectives while another is still eager. The warm-up's writes are undone (positions, slots and key
 validity restored; the keys and values it wrote are those the replayed step writes again).
+
+Attention in the graph reads the whole cache under the validity mask. generate sizes the cache to the
+request (prompt + new tokens), so a step reads on average about twice the keys it needs: for
+InternLM-7B at 1024 positions, batch 1, ~0.5 GB against 13.8 GB of weights. Capture per capacity
+bucket is not built.
 """
 from __future__ import annotations
 
