@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from launch.session import Session, UserError
 
 
-TASKS = ("inference", "precision", "performance")  # each a module launch/{name}.py with run()
+TASKS = ("inference", "precision", "performance", "serve")  # each a module launch/{name}.py with run()
 
 
 def run(cfg: DictConfig, session: Session, out_dir: Path) -> None:

@@ -10,7 +10,8 @@ itself which rows ended: only the plan travels (torch.distributed.broadcast_obje
 tokens. Rows without a request decode too (fixed shapes); their slots are put back to 0 after each
 step, so they never run off the cache.
 
-Greedy decoding only for now: a request's answer is what `generate` gives its prompt alone.
+A greedy request's answer is what `generate` gives its prompt alone; a sampled one draws from its
+own generator, seeded by the request.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ class Request:
     prompt: list[int]
     max_tokens: int
     stop_ids: tuple[int, ...] = ()
+    sampling: Sampling = Sampling()  # temperature 0: greedy
+    seed: int = 0  # a sampled request's generator, seeded alike on every rank
     output: list[int] = field(default_factory=list)
     finish: str | None = None  # "stop" (a stop id, kept in output), "length" (max_tokens or the cache), "abort"
 
@@ -51,6 +54,7 @@ class Engine:
         self.rows: list[Request | None] = [None] * max_batch
         self.idle = torch.ones(max_batch, dtype=torch.bool, device=model.device)
         self.waiting: deque[Request] = deque()
+        self.generators: dict[int, torch.Generator] = {}  # row -> its sampled request's generator
         self.aborted: set[str] = set()
         self._reset_idle()
 
@@ -98,7 +102,9 @@ class Engine:
             touched.append(request)
         state = self.model.step
         for row, request in plan.admit:
-            token = int(choose(admit(self.model, row, request.prompt)[None], Sampling(), None)[0])
+            if request.sampling.temperature > 0:
+                self.generators[row] = torch.Generator(self.model.device).manual_seed(request.seed)
+            token = int(self._choose(admit(self.model, row, request.prompt)[None], [request], [row])[0])
             state.tokens[row] = token
             self.rows[row] = request
             self._take(request, token)
@@ -106,7 +112,7 @@ class Engine:
         self._update_idle()
         running = [row for row, r in enumerate(self.rows) if r is not None]
         if running:
-            tokens = choose(self.model.decode(state)[:, -1], Sampling(), None)
+            tokens = self._choose(self.model.decode(state)[:, -1], self.rows, range(len(self.rows)))
             state.tokens.copy_(tokens)
             values = tokens.tolist()  # the step's one read back: which rows ended, what to stream
             for row in running:
@@ -117,9 +123,19 @@ class Engine:
         for row, request in enumerate(self.rows):
             if request is not None and request.finish is not None:
                 self.rows[row] = None
+                self.generators.pop(row, None)
         self._update_idle()
         self._reset_idle()
         return touched
+
+    def _choose(self, logits: torch.Tensor, requests, rows) -> torch.Tensor:
+        """Greedy for every row in one call, then each sampled row drawn with its own generator (the
+        same draws on every rank: the same seed, the same logits)."""
+        tokens = choose(logits, Sampling(), None)
+        for i, (request, row) in enumerate(zip(requests, rows)):
+            if request is not None and request.finish is None and request.sampling.temperature > 0:
+                tokens[i] = choose(logits[i:i + 1], request.sampling, self.generators[row])[0]
+        return tokens
 
     def _take(self, request: Request, token: int) -> None:
         if request.finish is not None:
