@@ -40,6 +40,7 @@ from tp.partition import model_files_dir
 
 log = logging.getLogger("internlm_tp")
 HEARTBEAT_S = 1.0
+GRACEFUL_S = 5  # seconds the HTTP side has, once stopping, to finish the responses under way
 SUPPORTED = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
              "seed", "stop", "n", "stream", "stream_options", "user", "return_token_ids"}  # the last as vLLM's
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -419,19 +420,21 @@ def run(cfg: DictConfig, session: Session, out_dir: Path) -> None:
     # SIGTERM (a service manager's stop, through torchrun): no new requests, what runs ends as aborted,
     # every rank leaves its loop
     signal.signal(signal.SIGTERM, lambda *_: scheduler.stopping.set())
-    server = start_http(build_app(front), str(task.host), int(task.port))
+    server, http_thread = start_http(build_app(front), str(task.host), int(task.port))
     log.info("serving %s on http://%s:%d/v1 (%d rows, context %d)", name, task.host, task.port, task.max_batch,
              max_seq)
     try:
         scheduler.loop()
     finally:
         scheduler.stopping.set()
-        server.should_exit = True
+        server.should_exit = True  # uvicorn lets the responses under way finish (their last events are queued)
+        http_thread.join(GRACEFUL_S + 5)
 
 
-def start_http(app, host: str, port: int):
+def start_http(app, host: str, port: int) -> tuple:
     import uvicorn
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
+                                           timeout_graceful_shutdown=GRACEFUL_S))
     thread = threading.Thread(target=server.run, name="http", daemon=True)
     thread.start()
-    return server
+    return server, thread
