@@ -42,12 +42,15 @@ def free_port() -> int:
 
 
 def one_request(client, prompt: str, max_tokens: int) -> dict:
-    """One streamed request: time to its first text, time per output token after it (the usage's count)."""
+    """One streamed request: time to its first token, time per output token after it. Chunks carry their
+    token ids (`return_token_ids`): a random model's tokens are often pieces of a character, whose
+    text the server holds back until it is whole, so text alone would time the characters."""
     t0 = time.perf_counter()
     times, n = [], 0
     for chunk in client.completions.create(model="ckpt", prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                           stream=True, stream_options={"include_usage": True}):
-        if chunk.choices and chunk.choices[0].text:
+                                           stream=True, stream_options={"include_usage": True},
+                                           extra_body={"return_token_ids": True}):
+        if chunk.choices and chunk.choices[0].model_extra.get("token_ids"):
             times.append(time.perf_counter())
         if chunk.usage is not None:
             n = chunk.usage.completion_tokens

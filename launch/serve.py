@@ -324,11 +324,12 @@ def build_app(front: Frontend) -> FastAPI:
             try:
                 while True:
                     tokens, finish = await state.events.get()
+                    before = pieces.kept
                     text, finish = pieces.add(tokens, finish)
                     if finish == "stop_string":
                         scheduler.abort(request.id)
                         finish = "stop"
-                    yield text, finish
+                    yield text, finish, request.output[before:pieces.kept]
                     if finish is not None:
                         return
             finally:
@@ -337,18 +338,22 @@ def build_app(front: Frontend) -> FastAPI:
 
         if stream:
             async def sse():
-                async for text, finish in events():
+                async for text, finish, ids in events():
                     if await http.is_disconnected():
                         scheduler.abort(request.id)
                         return
-                    if text or finish:
+                    if request.return_token_ids:  # a chunk for every step's tokens, text or not (as vLLM)
+                        data = chunk(text, _reason(finish), finish is not None)
+                        data["choices"][0]["token_ids"] = ids
+                        yield f"data: {json.dumps(data)}\n\n"
+                    elif text or finish:
                         yield f"data: {json.dumps(chunk(text, _reason(finish), finish is not None))}\n\n"
                 if usage:
                     yield f"data: {json.dumps({**chunk('', None), 'choices': [], 'usage': usage_of()})}\n\n"
                 yield "data: [DONE]\n\n"
             return StreamingResponse(sse(), media_type="text/event-stream")
         text, finish = "", None
-        async for piece, finish in events():
+        async for piece, finish, _ in events():
             text += piece
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": _reason(finish)}
                   if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": _reason(finish)})

@@ -122,3 +122,17 @@ def test_two_ranks_serve_the_solo_answers(tiny_ckpt, tmp_path):
         result = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
         assert result["outputs"] == solo, f"rank {r}"
         assert result["rows"] == [None] * 3, f"rank {r} ended every row"
+
+
+def test_one_client_pays_for_one_row_not_the_whole_batch(tiny_ckpt, monkeypatch):
+    """Eagerly (the CPU), a step computes rows up to the last busy one: a lone request decodes as a
+    batch of one, whatever max_batch is."""
+    tok, model = Tokenizer(tiny_ckpt), load_model(tiny_ckpt)
+    engine = Engine(model, max_batch=8, max_seq=64)
+    sizes, decode = [], model.decode
+    monkeypatch.setattr(model, "decode", lambda step: sizes.append(step.tokens.shape[0]) or decode(step))
+    request = Request("r", tok.encode(PROMPTS[0]), max_tokens=6)
+    engine.submit(request)
+    while engine.has_work():
+        engine.step(engine.plan())
+    assert sizes == [1] * 5 and request.output == generate(model, [request.prompt], 6, -1).tokens[0]

@@ -4,11 +4,11 @@ steps, so a short answer never waits for a long one and a new prompt never waits
 
 Every step, rank 0 decides a `Plan` (which waiting requests go into which free rows, which rows are
 aborted) and every rank applies the same plan: prefill each admitted prompt alone into its row
-(tp.generate.admit), then one decode step over all rows (tp.model.DecodeStep), the greedy choice per
-row. The tokens are identical on every rank (all ranks hold the same logits), so each rank knows by
+(tp.generate.admit), then one decode step (tp.model.DecodeStep) over the rows up to the last busy one
+(all rows where the step is a captured graph), the greedy choice per row. The tokens are identical on every rank (all ranks hold the same logits), so each rank knows by
 itself which rows ended: only the plan travels (torch.distributed.broadcast_object_list), not the
-tokens. Rows without a request decode too (fixed shapes); their slots are put back to 0 after each
-step, so they never run off the cache.
+tokens. Rows without a request below the last busy one decode too; their slots are put back to 0
+after each step, so they never run off the cache.
 
 A greedy request's answer is what `generate` gives its prompt alone; a sampled one draws from its
 own generator, seeded by the request.
@@ -112,9 +112,7 @@ class Engine:
         self._update_idle()
         running = [row for row, r in enumerate(self.rows) if r is not None]
         if running:
-            tokens = self._choose(self.model.decode(state)[:, -1], self.rows, range(len(self.rows)))
-            state.tokens.copy_(tokens)
-            values = tokens.tolist()  # the step's one read back: which rows ended, what to stream
+            values = self._decode(running[-1] + 1)  # the step's one read back: which rows ended, what to stream
             for row in running:
                 request = self.rows[row]
                 self._take(request, values[row])
@@ -127,6 +125,20 @@ class Engine:
         self._update_idle()
         self._reset_idle()
         return touched
+
+    def _decode(self, busy: int) -> list[int]:
+        """One decode step; each row's next token. Eagerly (the CPU), only rows [0, busy) are computed:
+        rows fill from the lowest free one, so one client pays for one row, not max_batch. A captured
+        graph has one shape: every row."""
+        state, model = self.model.step, self.model
+        if model.graphs is not None or busy == len(self.rows):
+            logits = model.decode(state)[:, -1]
+        else:
+            with model.cache_rows(0, busy):
+                logits = model.decode(state.first_rows(busy))[:, -1]
+        tokens = self._choose(logits, self.rows[:busy], range(busy))
+        state.tokens[:busy] = tokens
+        return tokens.tolist()
 
     def _choose(self, logits: torch.Tensor, requests, rows) -> torch.Tensor:
         """Greedy for every row in one call, then each sampled row drawn with its own generator (the

@@ -202,7 +202,7 @@ def admit(model: InternLM, row: int, ids: list[int]) -> torch.Tensor:
     [vocab] of its next token; that token is the caller's to put in model.step.tokens[row]."""
     if not ids or len(ids) >= model.max_seq:
         raise ValueError(f"a prompt of {len(ids)} tokens does not fit a cache of {model.max_seq} slots")
-    with model.cache_row(row):
+    with model.cache_rows(row, row + 1):
         positions = torch.arange(len(ids), device=model.device).unsqueeze(0)
         logits = model(torch.tensor([ids], device=model.device), positions, None, 0)
     state = model.step

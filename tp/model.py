@@ -102,9 +102,9 @@ class KVCache(nn.Module):
         shape = (batch, heads, max_seq, head_dim)
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
-    def row(self, b: int) -> "KVCache":
-        """Row b alone, as a batch of one: a view, so what is written lands in this cache."""
-        return KVCache(self.k[b:b + 1], self.v[b:b + 1])
+    def rows_view(self, start: int, stop: int) -> "KVCache":
+        """Rows [start, stop) as a batch of their own: views, so what is written lands in this cache."""
+        return KVCache(self.k[start:stop], self.v[start:stop])
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         stop = start + k.shape[2]
@@ -144,6 +144,10 @@ class DecodeStep:
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.tokens, self.positions, self.slots, self.valid, self.lengths]
+
+    def first_rows(self, n: int) -> "DecodeStep":
+        """Rows [0, n) as a step of their own: views, so the step's updates land in this one."""
+        return DecodeStep(*(t[:n] for t in self.tensors()))
 
 
 class Attention(nn.Module):
@@ -337,13 +341,14 @@ class InternLM(nn.Module):
         self._set_rope(max_seq)
 
     @contextmanager
-    def cache_row(self, b: int):
-        """Within it, the model runs on row b of the cache alone, as a batch of one: a prompt admitted
-        into a batch whose other rows are elsewhere in their sequences."""
+    def cache_rows(self, start: int, stop: int):
+        """Within it, the model runs on rows [start, stop) of the cache alone, as a batch of their own:
+        a prompt admitted into one row of a batch whose other rows are elsewhere in their sequences, or
+        a decode step over only the rows up to the last busy one."""
         attentions = self.attentions()
         whole = [a.cache for a in attentions]
         for a, cache in zip(attentions, whole):
-            a.cache = cache.row(b)
+            a.cache = cache.rows_view(start, stop)
         try:
             yield
         finally:
