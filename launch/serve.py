@@ -171,6 +171,9 @@ class Scheduler:
             self.hist["e2e"].observe(now - stream.submitted)
             if stream.first_token is not None and len(request.output) > 1:
                 self.hist["tpot"].observe((now - stream.first_token) / (len(request.output) - 1))
+            ttft = "-" if stream.first_token is None else f"{(stream.first_token - stream.submitted) * 1e3:.0f} ms"
+            log.info("request %s: %d prompt tokens, %d generated, %s; first token %s, total %.0f ms", request.id,
+                     len(request.prompt), len(request.output), request.finish, ttft, (now - stream.submitted) * 1e3)
         stream.loop.call_soon_threadsafe(stream.events.put_nowait, (list(new), request.finish))
 
     def metrics(self) -> str:
@@ -247,6 +250,7 @@ class Frontend:
                                 f"max_tokens asks for {max_tokens} ({len(ids) + max_tokens} in all)",
                            param="max_tokens", code="context_length_exceeded")
         temperature = _float(body, "temperature", 1.0, 0.0, 2.0)  # OpenAI's default: sampled
+        temperature = 0.0 if temperature < 1e-5 else temperature  # as vLLM: below it, greedy (no inf logits)
         sampling = Sampling(temperature, _float(body, "top_p", 1.0, 0.0, 1.0), _int(body, "top_k", 0, 0) or 0)
         seed = _int(body, "seed", None, 0)
         stop = body.get("stop")
@@ -359,8 +363,6 @@ def build_app(front: Frontend) -> FastAPI:
                   if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": _reason(finish)})
         if request.return_token_ids:
             choice["token_ids"] = request.output[:pieces.kept]
-        log.info("request %s: %d prompt tokens, %d generated, %s", request.id, len(request.prompt),
-                 len(request.output), _reason(finish))
         return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{request.id}", "object": kind, "created": created,
                 "model": front.model_name, "choices": [choice], "usage": usage_of()}
 
