@@ -22,11 +22,21 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     return logits[..., -1, :].argmax(-1) if logits.dim() == 3 else logits.argmax(-1)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_rows_at_different_positions_get_the_tokens_they_get_alone(tiny_ckpt, dtype):
+@pytest.mark.parametrize("dtype,path", [("float32", "cpu kernels"), ("bfloat16", "cpu kernels"),
+                                        ("float32", "accelerator ops")])
+def test_rows_at_different_positions_get_the_tokens_they_get_alone(tiny_ckpt, dtype, path, monkeypatch):
     """Row 0 is admitted and decodes 35 steps alone; then row 1 is admitted beside it: from there one
-    row is ~40 tokens into its answer, the other 0-5, in the same steps."""
+    row is ~40 tokens into its answer, the other 0-5, in the same steps. "accelerator ops": the step as
+    it runs off the CPU's kernels (keys and values written by index, SDPA over the whole cache under
+    the validity mask), here on the CPU."""
     tok, model = Tokenizer(tiny_ckpt), load_model(tiny_ckpt, dtype=dtype)
+    if path == "accelerator ops":
+        import tp.model
+        real = tp.model.cpu_kernels.op_for
+        monkeypatch.setattr(tp.model.cpu_kernels, "op_for",
+                            lambda name, *a: None if name == "rope_into_cache" else real(name, *a))
+        for attention in model.attentions():
+            attention.decode_path = "sdpa"
     first, second = tok.encode(PROMPTS[0]), tok.encode(PROMPTS[2])
     alone = [generate(model, [p], n, eos_id=-1).tokens[0] for p, n in ((first, 46), (second, 11))]
     model.setup_cache(2, len(first) + 64)

@@ -95,7 +95,6 @@ class KVCache(nn.Module):
         super().__init__()
         self.register_buffer("k", k, persistent=False)
         self.register_buffer("v", v, persistent=False)
-        self.register_buffer("rows", torch.arange(k.shape[0], device=k.device), persistent=False)
 
     @classmethod
     def zeros(cls, batch: int, heads: int, max_seq: int, head_dim: int, dtype: torch.dtype, device=None) -> "KVCache":
@@ -114,8 +113,9 @@ class KVCache(nn.Module):
 
     def write_rows(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Row b's one new key and value [B, KVH, 1, D] into its own slot slots[b], on the device."""
-        self.k[self.rows, :, slots] = k[:, :, 0]
-        self.v[self.rows, :, slots] = v[:, :, 0]
+        rows = torch.arange(k.shape[0], device=k.device)
+        self.k[rows, :, slots] = k[:, :, 0]
+        self.v[rows, :, slots] = v[:, :, 0]
 
 
 @dataclass
@@ -169,15 +169,11 @@ class Attention(nn.Module):
         if step is not None:
             return self.decode(x, cos, sin, step)
         b, t, _ = x.shape
-        qkv = self.qkv_proj(x).view(b, t, self.local_heads + 2 * self.local_kv_heads, self.head_dim).transpose(1, 2)
-        q, k, v = qkv.split([self.local_heads, self.local_kv_heads, self.local_kv_heads], dim=1)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self._rotated(self.qkv_proj(x), b, t, cos, sin)
         k, v = self.cache.update(start, k, v)
         scale = 1.0 / math.sqrt(self.head_dim)
         if t == 1 and x.device.type == "cpu":  # a one-token prompt: the decode path measured fastest here
-            if self.decode_path is None:
-                self.decode_path = decode_attention.candidates(q.dtype)[0]
-            y = decode_attention.run(self.decode_path, q, k, v, scale, mask)
+            y = self._attend_one(q, k, v, scale, mask)
         elif mask is None and t > 1 and k.shape[2] == t and x.device.type == "cpu":  # a whole unpadded prompt
             y = prefill_attention.run(self.prefill_path, q, k, v, scale)
         else:
@@ -186,6 +182,18 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, scale=scale,
                                                enable_gqa=self.local_kv_heads != self.local_heads)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.local_heads * self.head_dim))
+
+    def _rotated(self, qkv, b: int, t: int, cos, sin):
+        """q, k with the rotary embedding and v [B, heads, T, D], from the fused projection's rows."""
+        qkv = qkv.view(b, t, self.local_heads + 2 * self.local_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = qkv.split([self.local_heads, self.local_kv_heads, self.local_kv_heads], dim=1)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _attend_one(self, q, k, v, scale: float, mask, lengths=None):
+        """One query a row on the CPU, through the path measured fastest on this host."""
+        if self.decode_path is None:
+            self.decode_path = decode_attention.candidates(q.dtype)[0]
+        return decode_attention.run(self.decode_path, q, k, v, scale, mask, lengths)
 
     def decode(self, x, cos, sin, step: DecodeStep):
         """One new token a row [B, 1, hidden], row b's key and value into slot step.slots[b], attention
@@ -196,15 +204,11 @@ class Attention(nn.Module):
         if into_cache is not None:  # the ropes and the cache writes in one call
             q = into_cache(qkv.view(b, -1), cos, sin, self.cache.k, self.cache.v, step.slots, self.local_heads)
         else:
-            qkv = qkv.view(b, 1, self.local_heads + 2 * self.local_kv_heads, self.head_dim).transpose(1, 2)
-            q, k, v = qkv.split([self.local_heads, self.local_kv_heads, self.local_kv_heads], dim=1)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k, v = self._rotated(qkv, b, 1, cos, sin)
             self.cache.write_rows(step.slots, k, v)
         scale, mask = 1.0 / math.sqrt(self.head_dim), step.valid[:, None, None, :]
-        if x.device.type == "cpu":  # the path measured fastest on this host
-            if self.decode_path is None:
-                self.decode_path = decode_attention.candidates(q.dtype)[0]
-            y = decode_attention.run(self.decode_path, q, self.cache.k, self.cache.v, scale, mask, step.lengths)
+        if x.device.type == "cpu":
+            y = self._attend_one(q, self.cache.k, self.cache.v, scale, mask, step.lengths)
         else:
             y = F.scaled_dot_product_attention(q, self.cache.k, self.cache.v, attn_mask=mask, scale=scale,
                                                enable_gqa=self.local_kv_heads != self.local_heads)
