@@ -159,8 +159,7 @@ class Engine:
             request.finish = "length"
 
     def _update_idle(self) -> None:
-        for row, request in enumerate(self.rows):
-            self.idle[row] = request is None or request.finish is not None
+        self.idle.copy_(torch.tensor([r is None or r.finish is not None for r in self.rows]))
 
     def _reset_idle(self) -> None:
         """Rows without a request back to slot 0, attending only that slot: they decode harmlessly."""
