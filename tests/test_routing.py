@@ -99,9 +99,11 @@ def test_profiled_and_unprofiled_next_token_times_agree_on_the_cpu(tiny_ckpt):
     model = load_model(tiny_ckpt)
     prompt = [[1] + list(range(5, 40))]
     generate(model, prompt, 8, eos_id=-1)
-    plain = min(generate(model, prompt, 48, eos_id=-1).next_token_ms for _ in range(3))
-    runs = [generate(model, prompt, 48, eos_id=-1, profile=True) for _ in range(3)]
+    plain, runs = [], []
+    for _ in range(5):  # alternated, so a slow spell of the shared host falls on both alike
+        plain.append(generate(model, prompt, 48, eos_id=-1).next_token_ms)
+        runs.append(generate(model, prompt, 48, eos_id=-1, profile=True))
     profiled = min(r.next_token_ms for r in runs)
-    assert 0.67 < profiled / plain < 1.5
+    assert 0.67 < profiled / min(plain) < 1.5
     best = min(runs, key=lambda r: r.next_token_ms)
     assert best.pre_ms + best.forward_ms + best.post_ms == pytest.approx(best.next_token_ms, rel=0.25)
