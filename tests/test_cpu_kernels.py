@@ -75,6 +75,32 @@ def test_kernel_is_float32_exact_up_to_summation_rounding(isa, kind, x_dtype, ro
     assert ((y.double() - exact).abs() <= bound).all()
 
 
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return next(set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags"))
+
+
+@pytest.mark.parametrize("isa", RUNNABLE_ISAS)
+def test_bfloat16_dot_products_run_where_the_cpu_has_them_within_the_same_bound(isa):
+    """bfloat16 x bfloat16 from 2 rows on takes vdpbf16ps where the CPU has AVX512_BF16 (the AVX-512
+    build asks the CPU at run time): the same float32-summation bound as the widening path, and
+    different low bits from it (other sums), which shows the dot path ran; one row, or bf16_dot=False,
+    is the widening path to the bit."""
+    ops = kernels.build(isa)
+    assert ops.has_bf16_dot() == (isa == "avx512" and "avx512_bf16" in _cpu_flags())
+    g = torch.Generator().manual_seed(5)
+    k, n = 2048 + 24, 4097
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    x = torch.randn(16, k, generator=g).to(torch.bfloat16)
+    exact = x.double() @ w.double().t()
+    bound = (k + 3) * 2 ** -24 * (x.double().abs() @ w.double().abs().t()) + exact.abs() * 2 ** -8
+    dot, widened = ops.gemv(x, w, None, None), ops.gemv(x, w, None, None, False)
+    for y in (dot, widened):
+        assert ((y.double() - exact).abs() <= bound).all()
+    assert torch.equal(dot, widened) != ops.has_bf16_dot()
+    assert torch.equal(ops.gemv(x[:1], w, None, None), widened[:1])
+
+
 @pytest.mark.parametrize("isa", RUNNABLE_ISAS)
 def test_int8_weights_with_bfloat16_activations_exact_within_a_block_range_of_2_to_the_7(isa):
     """bfloat16 activations meet int8 weights as int16 blocks of 32: every element within 2^7 of its
