@@ -279,6 +279,144 @@ void dispatch_out(const float* xp, const BlockedX* blocked, const c10::BFloat16*
   }
 }
 
+// ---- int4 (tp/int4.py): w = q * scale[g] + offset[g] per group g of input channels ----------------
+// y[m, n] = sum_g scale[n, g] * (sum_{k in g} q[n, k] x[m, k]) + sum_g offset[n, g] * xsum[m, g], with
+// xsum the activations' sum over each group, once per call (llama.cpp's Q4_1 folds its minimum so):
+// the inner loop is the nibbles' products only. Groups are whole blocks of 32 channels (16 bytes).
+constexpr int kInt4XRows = kWidth == 8 ? 1 : 2;  // rows of x per pass: AVX2's 16 registers hold one
+
+template <int R, int MX>
+void dot_rows_int4(const float* x, const float* xsum, const uint8_t* w, const float* scale, const float* offset,
+                   int64_t K, int64_t groups, int64_t n, int64_t stride, float (*out)[MX]) {
+  const int64_t group = K / groups;
+  const uint8_t* row[R];
+  for (int r = 0; r < R; ++r) row[r] = w + (n + r * stride) * (K / 2);
+  vec acc[R][MX];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MX; ++m) acc[r][m] = zero();
+  for (int64_t g = 0; g < groups; ++g) {
+    vec part[R][MX];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MX; ++m) part[r][m] = zero();
+    for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+      for (int h = 0; h < 16; h += kWidth) {
+        vec xl[MX], xh[MX];
+        for (int m = 0; m < MX; ++m) {
+          xl[m] = load(x + m * K + k + h);
+          xh[m] = load(x + m * K + k + 16 + h);
+        }
+        for (int r = 0; r < R; ++r) {
+          vec lo, hi;
+          nibbles(row[r] + k / 2 + h, lo, hi);
+          for (int m = 0; m < MX; ++m) part[r][m] = fma(xh[m], hi, fma(xl[m], lo, part[r][m]));
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const vec s = broadcast(scale[(n + r * stride) * groups + g]);
+      for (int m = 0; m < MX; ++m) acc[r][m] = fma(part[r][m], s, acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MX; ++m) {
+      float s = sum(acc[r][m]);
+      const float* o = offset + (n + r * stride) * groups;
+      for (int64_t g = 0; g < groups; ++g) s += o[g] * xsum[m * groups + g];
+      out[r][m] = s;
+    }
+}
+
+template <typename Out>
+struct Gemv4 {
+  const float* x;
+  const float* xsum;  // [M, groups]
+  const uint8_t* w;
+  const float *scale, *offset;
+  const Out* bias;
+  Out* y;
+  int64_t M, N, K, groups;
+
+  template <int R, int MX>
+  void run(int64_t m, int64_t n, int64_t stride) const {
+    float out[R][MX];
+    dot_rows_int4<R, MX>(x + m * K, xsum + m * groups, w, scale, offset, K, groups, n, stride, out);
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < MX; ++i) {
+        float v = out[r][i];
+        if (bias) v += static_cast<float>(bias[n + r * stride]);
+        y[(m + i) * N + n + r * stride] = static_cast<Out>(v);
+      }
+  }
+
+  template <int R>
+  void rows(int64_t n, int64_t stride) const {
+    int64_t m = 0;
+    for (; m + kInt4XRows <= M; m += kInt4XRows) run<R, kInt4XRows>(m, n, stride);
+    for (; m < M; ++m) run<R, 1>(m, n, stride);
+  }
+
+  void operator()() const {  // as Gemv: a thread's rows in kRows long sequential streams
+    const int64_t grain = std::max<int64_t>(kRows, (256 << 10) / std::max<int64_t>(1, K / 2));
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+      const int64_t part = (end - begin) / kRows;
+      for (int64_t i = 0; i < part; ++i) rows<kRows>(begin + i, part);
+      for (int64_t n = begin + kRows * part; n < end; ++n) rows<1>(n, 0);
+    });
+  }
+};
+
+at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& offset,
+                     const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "gemv_int4 runs on the CPU");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x: contiguous [M, K]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x: float32 or bfloat16");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous() && w.size(1) * 2 == K,
+              "w: contiguous uint8 [N, K / 2]");
+  const int64_t N = w.size(0);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 2 && scale.size(0) == N && scale.is_contiguous(),
+              "scale: contiguous float32 [N, groups]");
+  const int64_t groups = scale.size(1);
+  TORCH_CHECK(groups > 0 && K % groups == 0 && (K / groups) % 32 == 0, "groups: whole blocks of 32 channels of K");
+  TORCH_CHECK(offset.scalar_type() == at::kFloat && offset.sizes() == scale.sizes() && offset.is_contiguous(),
+              "offset: contiguous float32, scale's shape");
+  at::Tensor b;
+  if (bias.has_value()) {
+    b = *bias;
+    TORCH_CHECK(b.scalar_type() == x.scalar_type() && b.dim() == 1 && b.size(0) == N && b.is_contiguous(),
+                "bias: [N] in x's dtype");
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  std::vector<float> widened;
+  const float* xp;
+  if (x.scalar_type() == at::kFloat) {
+    xp = x.data_ptr<float>();
+  } else {
+    widened.resize(M * K);
+    const c10::BFloat16* source = x.data_ptr<c10::BFloat16>();
+    for (int64_t i = 0; i < M * K; ++i) widened[i] = static_cast<float>(source[i]);
+    xp = widened.data();
+  }
+  const int64_t group = K / groups;
+  std::vector<float> xsum(M * groups);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      float s = 0;
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) s += xp[m * K + k];
+      xsum[m * groups + g] = s;
+    }
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float *sp = scale.data_ptr<float>(), *op = offset.data_ptr<float>();
+  if (y.scalar_type() == at::kFloat) {
+    Gemv4<float>{xp, xsum.data(), wp, sp, op, b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K, groups}();
+  } else {
+    using B = c10::BFloat16;
+    Gemv4<B>{xp, xsum.data(), wp, sp, op, b.defined() ? b.data_ptr<B>() : nullptr, y.data_ptr<B>(), M, N, K, groups}();
+  }
+  return y;
+}
+
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,
                 const std::optional<at::Tensor>& bias, bool bf16_dot) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "gemv runs on the CPU");
@@ -338,4 +476,5 @@ TORCH_LIBRARY(OPS_NAMESPACE, m) {
   // bf16_dot=False keeps bfloat16 x bfloat16 on the widening float path (tests compare the two).
   m.def("gemv(Tensor x, Tensor w, Tensor? scale=None, Tensor? bias=None, bool bf16_dot=True) -> Tensor", gemv);
   m.def("has_bf16_dot() -> bool", [] { return host_has_bf16_dot(); });
+  m.def("gemv_int4(Tensor x, Tensor w, Tensor scale, Tensor offset, Tensor? bias=None) -> Tensor", gemv_int4);
 }

@@ -56,6 +56,12 @@ inline void round_block(const float* p, float up, int16_t* q) {
 }
 // The block's 32 products summed in pairs, 16 lanes of float32.
 inline vec dot_block(i16_block a, i16_block b) { return _mm512_cvtepi32_ps(_mm512_madd_epi16(a.v, b.v)); }
+// kWidth bytes of packed int4 weights (tp/int4.py's order): their low nibbles and their high ones as floats.
+inline void nibbles(const uint8_t* p, vec& lo, vec& hi) {
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+  hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int kWidth = 8;
 constexpr int kXRows = 2;  // 4 x 2 accumulators, leaving registers for x and W among AVX2's 16
@@ -109,6 +115,11 @@ inline i16_block widen_block(const int8_t* p) {
 // The block's 32 products summed in fours, 8 lanes of float32.
 inline vec dot_block(i16_block a, i16_block b) {
   return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(a.lo, b.lo), _mm256_madd_epi16(a.hi, b.hi)));
+}
+inline void nibbles(const uint8_t* p, vec& lo, vec& hi) {
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+  hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
 }
 #else
 #error "the CPU kernels need AVX-512 or AVX2 + FMA"

@@ -1,0 +1,102 @@
+"""Weight-only int4 (tp/int4.py) and its CPU kernel (tp/csrc/gemv.cpp's gemv_int4): the packing on
+hand-computed bytes, quantization's levels, dequantization exact in float32, and the kernel within
+float32 summation rounding of the exact product of the dequantized weight."""
+import pytest
+import torch
+
+import tp.cpu_kernels as kernels
+from conftest import RUNNABLE_ISAS
+from tp import int4
+
+
+def test_packing_puts_channel_i_low_and_channel_16_plus_i_high_in_byte_i_of_each_block():
+    q = torch.arange(64).remainder(16).reshape(1, 64)  # channel c holds c % 16
+    packed = int4.pack(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (1, 32)
+    # block 0: byte i = channel i (i) low, channel 16 + i ((16 + i) % 16 = i) high -> i * 17
+    assert packed[0, :16].tolist() == [i * 17 for i in range(16)]
+    assert packed[0, 16:].tolist() == [i * 17 for i in range(16)]
+    q2 = torch.tensor([[3] * 16 + [10] * 16])
+    assert int4.pack(q2)[0].tolist() == [0xA3] * 16
+    assert torch.equal(int4.unpack(int4.pack(q2)), q2.to(torch.uint8))
+
+
+def test_quantize_round_trips_its_levels_and_keeps_zero_exact():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 256, generator=g)
+    w[0, :128] = 0  # an all-zero group
+    w[1, 128:] = torch.linspace(-1.5, 3.0, 128)
+    packed, scale, zero = int4.quantize_groups(w, 128)
+    assert packed.shape == (6, 128) and scale.shape == zero.shape == (6, 2)
+    assert scale.dtype == torch.float16 and zero.dtype == torch.uint8 and int(zero.max()) <= 15
+    deq = int4.dequantize(packed, scale, zero)
+    assert torch.equal(deq[0, :128], torch.zeros(128))
+    # every weight within half a level of its group's scale
+    step = scale.float().repeat_interleave(128, dim=1)
+    assert ((deq - w).abs() <= step / 2 + 1e-6).all()
+    # the range end points land on levels 0 and 15 of the linspace group
+    q = int4.unpack(packed)[1, 128:]
+    assert int(q.min()) == 0 and int(q.max()) == 15
+    # the dequantized weight quantizes to itself (its values are levels)
+    again = int4.dequantize(*int4.quantize_groups(deq, 128))
+    assert torch.equal(again, deq)
+
+
+def test_kernel_terms_give_the_dequantized_weight_to_the_bit():
+    g = torch.Generator().manual_seed(1)
+    packed, scale, zero = int4.quantize_groups(torch.randn(16, 512, generator=g) * 3, 128)
+    s, o = int4.kernel_terms(scale, zero)
+    q = int4.unpack(packed).float().reshape(16, 4, 128)
+    assert torch.equal((q * s[..., None] + o[..., None]).reshape(16, 512), int4.dequantize(packed, scale, zero))
+
+
+def test_groups_must_be_whole_blocks_and_row_splits_whole_groups():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        int4.quantize_groups(torch.zeros(2, 96), 48)
+    with pytest.raises(ValueError, match="whole number of groups"):
+        int4.quantize_groups(torch.zeros(2, 96), 64)
+    with pytest.raises(ValueError, match=r"11008 input channels are 86 groups of 128.*over 4 ranks"):
+        int4.check_row_split(11008, 128, 4, "model.layers.0.mlp.down_proj.weight")
+    int4.check_row_split(14336, 128, 4, "w2")  # 112 groups
+
+
+@pytest.mark.parametrize("isa", RUNNABLE_ISAS)
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,k,group", [(1, 2048, 128), (2, 256, 32), (3, 512, 128), (5, 128, 64), (16, 1024, 128)])
+def test_int4_kernel_is_float32_exact_up_to_summation_rounding(isa, x_dtype, rows, k, group):
+    op = kernels.build(isa).gemv_int4
+    g = torch.Generator().manual_seed(rows * 100 + k)
+    n = 389
+    packed, scale, zero = int4.quantize_groups(torch.randn(n, k, generator=g), group)
+    w = int4.dequantize(packed, scale, zero).double()
+    x = torch.randn(rows, k, generator=g).to(x_dtype)
+    bias = torch.randn(n, generator=g).to(x_dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = op(x, packed, *int4.kernel_terms(scale, zero), bias)
+    finally:
+        torch.set_num_threads(threads)
+    assert y.dtype == x_dtype and y.shape == (rows, n)
+    exact = x.double() @ w.t() + bias.double()
+    # terms: q * x and offset * (group sums of x), each summed in float32; the group sums' own rounding
+    q = int4.unpack(packed).double()
+    s, o = (t.double() for t in int4.kernel_terms(scale, zero))
+    xs = x.double().reshape(rows, k // group, group)
+    magnitude = (x.double().abs() @ (q * s.repeat_interleave(group, 1)).t()
+                 + xs.abs().sum(-1) @ o.abs().t() + bias.double().abs())
+    bound = (k + 3) * 2 ** -24 * magnitude
+    if x_dtype == torch.bfloat16:
+        bound = bound + exact.abs() * 2 ** -8
+    assert ((y.double() - exact).abs() <= bound).all()
+
+
+def test_int4_kernel_refuses_bad_input_with_a_message():
+    op = kernels.op("gemv_int4")
+    x = torch.zeros(1, 64)
+    packed, scale, zero = int4.quantize_groups(torch.zeros(4, 64), 32)
+    s, o = int4.kernel_terms(scale, zero)
+    with pytest.raises(RuntimeError, match=r"uint8 \[N, K / 2\]"):
+        op(x, packed.view(torch.int8), s, o)
+    with pytest.raises(RuntimeError, match="whole blocks of 32"):
+        op(x, packed, torch.zeros(4, 3), torch.zeros(4, 3))

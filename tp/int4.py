@@ -1,0 +1,93 @@
+"""Weight-only int4: asymmetric, a float16 scale and an integer zero per group of `group_size` input
+channels of each output channel, as AWQ stores them (round to nearest, no search).
+
+    w ~= (q - zero) * scale,  q and zero in [0, 15],  scale = (max - min) / 15,  zero = round(-min / scale)
+
+Stored as three tensors per weight [N, K] (SPEC §2), each cut by the one split table (tp/split.py):
+    <name>               uint8 [N, K / 2]  two channels a byte (the packing below)
+    <name>_group_scale   float16 [N, K / group_size]
+    <name>_group_zero    uint8 [N, K / group_size]
+Groups never cross a rank's boundary: a row-parallel weight splits its K by whole groups (K / N_ranks
+a multiple of group_size, else refused with the numbers), a column-parallel one splits rows.
+
+Packing, per block of 32 input channels: byte i holds channel i in its low nibble and channel 16 + i
+in its high one (llama.cpp's Q4 order): a mask gives 16 consecutive channels, a shift the next 16,
+so the CPU kernel (tp/csrc/gemv.cpp) unpacks without shuffles.
+
+Exactness: (q - zero) is an integer of at most 4 bits and the scale a float16 (11 significant bits),
+so (q - zero) * scale, and q * scale + (-zero * scale) as the kernel computes it, are exact in float32:
+the dequantized weights are the same to the last bit wherever they are made.
+"""
+from __future__ import annotations
+
+import torch
+
+BLOCK = 32  # input channels per packing block
+DEFAULT_GROUP = 128
+SUFFIXES = ("_group_scale", "_group_zero")
+
+
+def group_scale_name(name: str) -> str:
+    return name + "_group_scale"
+
+
+def group_zero_name(name: str) -> str:
+    return name + "_group_zero"
+
+
+def check_group(k: int, group_size: int, where: str = "") -> None:
+    if group_size < BLOCK or group_size % BLOCK:
+        raise ValueError(f"group_size={group_size}: int4 groups are a multiple of {BLOCK} input channels")
+    if k % group_size:
+        raise ValueError(f"{where}input dimension {k} is not a whole number of groups of {group_size}")
+
+
+def check_row_split(k: int, group_size: int, world_size: int, name: str) -> None:
+    """A row-parallel weight's K must leave every rank whole groups."""
+    groups = k // group_size
+    if groups % world_size:
+        raise ValueError(f"{name}: its {k} input channels are {groups} groups of {group_size}, which do not split "
+                         f"into whole groups over {world_size} ranks; choose a TP size dividing {groups}, or another group_size")
+
+
+def pack(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K / 2] of integers q [N, K] in [0, 15] (K a multiple of BLOCK), in the block order above."""
+    n, k = q.shape
+    blocks = q.to(torch.uint8).reshape(n, k // BLOCK, 2, BLOCK // 2)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2)
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] in [0, 15] of packed [N, K / 2]."""
+    n, half = packed.shape
+    blocks = packed.reshape(n, half // (BLOCK // 2), 1, BLOCK // 2)
+    return torch.cat([blocks & 0xF, blocks >> 4], dim=2).reshape(n, half * 2)
+
+
+def quantize_groups(w: torch.Tensor, group_size: int = DEFAULT_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed uint8 [N, K/2], scale float16 [N, K/g], zero uint8 [N, K/g]) of a [N, K] weight: each
+    group's range [min(w, 0), max(w, 0)] over 16 levels (0 included, so an all-zero group stays 0)."""
+    n, k = w.shape
+    check_group(k, group_size)
+    g = w.float().reshape(n, k // group_size, group_size)
+    low, high = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+    scale = ((high - low) / 15).to(torch.float16).float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.round(-low / scale).clamp(0, 15)
+    q = torch.round(g / scale[..., None] + zero[..., None]).clamp(0, 15)
+    return pack(q.reshape(n, k)), scale.to(torch.float16), zero.to(torch.uint8)
+
+
+def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """float32 [N, K]: (q - zero) * scale, exact (see above)."""
+    q = unpack(packed).float()
+    n, k = q.shape
+    groups = scale.shape[1]
+    w = (q.reshape(n, groups, k // groups) - zero.float()[..., None]) * scale.float()[..., None]
+    return w.reshape(n, k)
+
+
+def kernel_terms(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, offset) in float32 for w = q * scale + offset, offset = -zero * scale (exact)."""
+    s = scale.float()
+    return s.contiguous(), (-zero.float() * s).contiguous()
