@@ -1,5 +1,5 @@
 """python -m cut_weights input_dir=PATH output_dir=PATH world_size=N [dtype=auto|float16|bfloat16|float32]
-                        [quantize=none|int8] [quantize_lm_head=true] [quantize_embedding=true]
+                        [quantize=none|int8|int4] [group_size=128] [quantize_lm_head=true] [quantize_embedding=true]
                         [overwrite=false] [max_shard_size=4GB]
                         [progress=true]"""
 from __future__ import annotations

@@ -24,6 +24,7 @@ from tp.checkpoint import CheckpointReader
 from tp.config import ModelConfig
 from tp.load import DTYPES, check_source_names
 from tp.partition import FORMAT, MANIFEST, VERSION, rank_dir
+from tp import int4
 from tp.quant import QUANTIZE_CHOICES, is_quantized, lm_head_quantized, quantize_rows, scale_name
 from tp.split import local_shape, pad_rows, shard_bounds, split_of
 
@@ -43,6 +44,7 @@ class CutOptions:
     world_size: int
     dtype: str = "auto"
     quantize: str = "none"
+    group_size: int = 128  # int4: input channels per scale and zero
     quantize_lm_head: bool = True
     quantize_embedding: bool = True
     overwrite: bool = False
@@ -161,6 +163,13 @@ def cut(opts: CutOptions) -> Path:
     def quantized(name: str) -> bool:
         return is_quantized(name, opts.quantize, quantize_lm_head, opts.quantize_embedding)
 
+    if opts.quantize == "int4":  # whole groups everywhere, before anything is written
+        try:
+            int4.check_shapes({n: shapes[n] for n in names if quantized(n)}, opts.group_size, world)
+        except ValueError as e:
+            raise CutError(f"int4: {e}") from None
+    quant = opts.quantize if opts.quantize != "none" else None
+
     outputs: list[RankOutput] = []
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     for stale in out.parent.glob(f".{out.name}.partial-*") if out.parent.is_dir() else ():
@@ -183,18 +192,25 @@ def cut(opts: CutOptions) -> Path:
                 config["quantization"] = {"method": "weight_only_int8", "granularity": "per_output_channel",
                                           "symmetric": True, "lm_head": opts.quantize_lm_head,
                                           "embedding": opts.quantize_embedding}
+            elif opts.quantize == "int4":
+                config["quantization"] = {"method": "weight_only_int4", "granularity": "per_group",
+                                          "group_size": opts.group_size, "symmetric": False,
+                                          "lm_head": opts.quantize_lm_head, "embedding": opts.quantize_embedding}
             (directory / "config.json").write_text(json.dumps(config, indent=2))
             for file in COPIED_FILES:
                 if (src / file).is_file():
                     shutil.copyfile(src / file, directory / file)
-            plan = [entry for n in names for entry in _plan(n, shapes[n], out_dtype, r, world, padded, kv, quantized(n))]
+            plan = [entry for n in names
+                    for entry in _plan(n, shapes[n], out_dtype, r, world, padded, kv, quantized(n) and quant, opts.group_size)]
             outputs.append(RankOutput(directory, _shards(plan, shard_limit)))
 
         total = sum(nbytes(shapes[n], reader.dtype(n)) for n in names)
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not opts.progress,
                   desc=f"cut {src.name} for {world} ranks") as bar:
             for name in names:
-                if quantized(name):
+                if quantized(name) and quant == "int4":
+                    _stream_int4(reader, name, shapes[name], outputs, world, padded, kv, opts.group_size, bar)
+                elif quantized(name):
                     _stream_quantized(reader, name, shapes[name], outputs, world, padded, kv, bar)
                 else:
                     _stream_tensor(reader, name, shapes[name], out_dtype, outputs, world, padded, kv, bar)
@@ -204,12 +220,13 @@ def cut(opts: CutOptions) -> Path:
             "format": FORMAT, "version": VERSION, "world_size": world,
             "vocab_size": cfg.vocab_size, "padded_vocab_size": padded,
             "dtype": str(out_dtype).removeprefix("torch."), "quantize": opts.quantize,
-            "quantize_lm_head": opts.quantize == "int8" and quantize_lm_head,
-            "quantize_embedding": opts.quantize == "int8" and opts.quantize_embedding,
+            "quantize_lm_head": quant is not None and quantize_lm_head,
+            "quantize_embedding": quant is not None and opts.quantize_embedding,
+            "group_size": opts.group_size if quant == "int4" else None,
             "source": {"path": str(src.resolve()), "format": reader.format, "files": reader.file_bytes()},
             "tensors": {n: entry for name in names
                         for n, entry in _manifest_entries(name, shapes[name], reader.dtype(name), out_dtype,
-                                                          quantized(name))},
+                                                          quantized(name) and quant, opts.group_size)},
             "ranks": rank_files,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: marks the cut complete
@@ -222,21 +239,34 @@ def cut(opts: CutOptions) -> Path:
     return out
 
 
-def _plan(name, shape, out_dtype, rank, world, padded, kv, quantized: bool):
-    """The rank's (tensor, local shape, dtype) entries for source tensor `name`."""
+def _int4_shapes(name, shape, group_size):
+    """(name, source-side shape, dtype) of the three tensors an int4 weight [out, in] is stored as."""
+    rows, cols = shape
+    return [(name, (rows, cols // 2), torch.uint8),
+            (int4.group_scale_name(name), (rows, cols // group_size), torch.float16),
+            (int4.group_zero_name(name), (rows, cols // group_size), torch.uint8)]
+
+
+def _plan(name, shape, out_dtype, rank, world, padded, kv, quantized, group_size):
+    """The rank's (tensor, local shape, dtype) entries for source tensor `name`; `quantized` is
+    False, "int8" or "int4"."""
     if not quantized:
         return [(name, local_shape(name, shape, rank, world, padded, kv), out_dtype)]
+    if quantized == "int4":
+        return [(n, local_shape(n, s, rank, world, padded, kv), d) for n, s, d in _int4_shapes(name, shape, group_size)]
     scale = scale_name(name)
     return [(name, local_shape(name, shape, rank, world, padded, kv), torch.int8),
             (scale, local_shape(scale, shape[:1], rank, world, padded, kv), torch.float32)]
 
 
-def _manifest_entries(name, shape, source_dtype, out_dtype, quantized: bool):
+def _manifest_entries(name, shape, source_dtype, out_dtype, quantized, group_size):
     def entry(n, s, dtype):
         return n, {"shape": list(s), "split": split_of(n).kind, "split_dim": split_of(n).dim,
                    "source_dtype": str(source_dtype).removeprefix("torch."), "dtype": str(dtype).removeprefix("torch.")}
     if not quantized:
         return [entry(name, shape, out_dtype)]
+    if quantized == "int4":
+        return [entry(n, s, d) for n, s, d in _int4_shapes(name, shape, group_size)]
     return [entry(name, shape, torch.int8), entry(scale_name(name), shape[:1], torch.float32)]
 
 
@@ -313,6 +343,40 @@ def _stream_quantized(reader, name, shape, outputs, world, padded, kv, bar) -> N
     _write_padding(name, shape, torch.int8, outputs, bounds)
     for r, (_, _, _, pad) in enumerate(bounds):
         outputs[r].write(scale_name(name), pad_rows(torch.cat(scales[r]), 0, pad))
+
+
+def _stream_int4(reader, name, shape, outputs, world, padded, kv, group_size, bar) -> None:
+    """int4 (tp/int4.py) of a weight, block by block of rows: each rank's rows (columns for a
+    row-parallel weight, whole groups) quantized as the loader quantizes that rank's slice, vocab
+    padding rows included, so the bits are the same."""
+    bounds = [shard_bounds(name, shape, r, world, padded, kv) for r in range(world)]
+    split = bounds[0][0]
+    rows, row_bytes = shape[0], max(1, nbytes(shape[1:], reader.dtype(name)))
+    step = max(1, READ_BLOCK_BYTES // row_bytes)
+    extra: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(world)]
+
+    def put(r: int, w: torch.Tensor) -> None:
+        packed, scale, zero = int4.quantize_groups(w, group_size)
+        outputs[r].write(name, packed)
+        extra[r].append((scale, zero))
+
+    for a in range(0, rows, step):
+        b = min(rows, a + step)
+        with reader.rows(name, a, b) as block:
+            block = block.float()
+        for r, (_, start, stop, _) in enumerate(bounds):
+            if split.dim == 1:
+                put(r, block[:, start:stop])
+            elif split.dim is None:
+                put(r, block)
+            elif max(a, start) < min(b, stop):
+                put(r, block[max(a, start) - a: min(b, stop) - a])
+        bar.update(nbytes((b - a, *shape[1:]), reader.dtype(name)))
+    for r, (_, _, _, pad) in enumerate(bounds):
+        if pad:
+            put(r, torch.zeros(pad, shape[1]))
+        outputs[r].write(int4.group_scale_name(name), torch.cat([s for s, _ in extra[r]]))
+        outputs[r].write(int4.group_zero_name(name), torch.cat([z for _, z in extra[r]]))
 
 
 def _write_padding(name, shape, out_dtype, outputs, bounds) -> None:

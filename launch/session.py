@@ -64,8 +64,8 @@ class Session:
         cls._current = None
 
     def model(self, path: str, dtype: str, quantize: str = "auto", quantize_lm_head: bool = True,
-              quantize_embedding: bool = True, graphs: str = "auto") -> tuple[InternLM, Tokenizer]:
-        key = (path, dtype, quantize, quantize_lm_head, quantize_embedding, graphs)
+              quantize_embedding: bool = True, graphs: str = "auto", group_size: int = 128) -> tuple[InternLM, Tokenizer]:
+        key = (path, dtype, quantize, quantize_lm_head, quantize_embedding, graphs, group_size)
         if key not in self.models:
             self.models.clear()  # one model resident at a time
             try:
@@ -74,7 +74,7 @@ class Session:
                 # world size is load_model's to name.
                 tokenizer = Tokenizer(files) if (Path(files) / "config.json").is_file() else None
                 model = load_model(path, self.dist.rank, self.dist.world_size, self.dist.device, dtype,
-                                   quantize, quantize_lm_head, quantize_embedding, graphs)
+                                   quantize, quantize_lm_head, quantize_embedding, graphs, group_size)
                 tokenizer = tokenizer or Tokenizer(files)
             except USER_ERRORS as err:
                 raise UserError(str(err)) from err
@@ -92,7 +92,8 @@ class Session:
                             "(e.g. model.path=/data/internlm-7b)")
         return self.model(str(cfg.model.path), str(cfg.dtype), str(cfg.model.get("quantize", "auto")),
                           bool(cfg.model.get("quantize_lm_head", True)),
-                          bool(cfg.model.get("quantize_embedding", True)), str(cfg.get("graphs", "auto")))
+                          bool(cfg.model.get("quantize_embedding", True)), str(cfg.get("graphs", "auto")),
+                          int(cfg.model.get("group_size", 128)))
 
     def generator(self, seed: int) -> torch.Generator:
         """On the rank's device, so sampling stays there; the same seed on every rank."""

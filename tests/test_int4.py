@@ -100,3 +100,89 @@ def test_int4_kernel_refuses_bad_input_with_a_message():
         op(x, packed.view(torch.int8), s, o)
     with pytest.raises(RuntimeError, match="whole blocks of 32"):
         op(x, packed, torch.zeros(4, 3), torch.zeros(4, 3))
+
+
+# ---- int4 in the model: cut == load, TP sizes, refusals, bytes ------------------------------------
+import json  # noqa: E402
+
+from conftest import PROMPTS  # noqa: E402
+from cut_weights import CutError, CutOptions, cut  # noqa: E402
+from tp.checkpoint import CheckpointError, CheckpointReader  # noqa: E402
+from tp.load import load_model  # noqa: E402
+from tp.tiny import write_tiny_checkpoint  # noqa: E402
+from tp.tokenizer import Tokenizer  # noqa: E402
+from tp_worker import spawn  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def int4_ckpt(tmp_path_factory):
+    """The tiny model with K of 256 (hidden) and 512 (MLP): whole groups of 32 over 1, 2 and 4 ranks,
+    of 128 over 1 and 2."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("int4") / "tiny", hidden_size=256, intermediate_size=512,
+                                 num_attention_heads=16)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_int4_cut_equals_load_time_quantization_bit_for_bit(int4_ckpt, tmp_path, world_size):
+    out = cut(CutOptions(str(int4_ckpt), str(tmp_path / "q"), world_size, quantize="int4", group_size=32,
+                         progress=False))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quantize"] == "int4" and manifest["group_size"] == 32
+    quant = json.loads((out / "rank_0" / "config.json").read_text())["quantization"]
+    assert quant["method"] == "weight_only_int4" and quant["group_size"] == 32
+    with CheckpointReader(out / "rank_0") as r:
+        assert r.dtype("model.layers.0.mlp.down_proj.weight") == torch.uint8
+        assert r.shape("model.layers.0.mlp.down_proj.weight") == (256, 512 // world_size // 2)
+        assert r.shape("model.layers.0.mlp.down_proj.weight_group_scale") == (256, 16 // world_size), "whole groups"
+        assert r.shape("model.layers.0.mlp.gate_proj.weight_group_zero") == (512 // world_size, 8)
+        assert r.dtype("model.layers.0.mlp.gate_proj.weight_group_scale") == torch.float16
+    for rank in range(world_size):
+        from_cut = dict(load_model(out, rank, world_size, dtype="float32").named_parameters())
+        at_load = dict(load_model(int4_ckpt, rank, world_size, dtype="float32", quantize="int4",
+                                  group_size=32).named_parameters())
+        assert from_cut.keys() == at_load.keys()
+        for name, p in at_load.items():
+            assert p.dtype == from_cut[name].dtype and torch.equal(p, from_cut[name]), name
+        assert from_cut["model.layers.1.self_attn.qkv_proj.weight"].dtype == torch.uint8
+
+
+def test_int4_layers_hold_the_quantized_source_weights(int4_ckpt):
+    """A column-parallel slice at TP=2 dequantizes to the rank's rows of the source quantized whole."""
+    model = load_model(int4_ckpt, 1, 2, dtype="float32", quantize="int4", group_size=32)
+    with CheckpointReader(int4_ckpt) as r:
+        up = r.read("model.layers.2.mlp.up_proj.weight")
+    whole = int4.dequantize(*int4.quantize_groups(up, 32))
+    mlp = model.model.layers[2].mlp.gate_up_proj
+    mine = int4.dequantize(mlp.weight, mlp.weight_group_scale, mlp.weight_group_zero)[256:]  # up rows after gate's
+    assert torch.equal(mine, whole[256:512])
+
+
+def test_int4_greedy_tokens_do_not_depend_on_tp_size(int4_ckpt, tmp_path):
+    """float32 activations, groups of 128: TP=2 gives TP=1's greedy tokens, batched and alone (decode
+    through the int4 kernel, prefill through dequantized blocks)."""
+    tok = Tokenizer(int4_ckpt)
+    prompts = [tok.encode(p) for p in PROMPTS]
+    (tmp_path / "1").mkdir()
+    (tmp_path / "2").mkdir()
+    one = spawn(1, int4_ckpt, prompts, 12, tmp_path / "1", dtype="float32", quantize="int4")[0]
+    two = spawn(2, int4_ckpt, prompts, 12, tmp_path / "2", dtype="float32", quantize="int4")
+    assert all(r["batched"] == one["batched"] and r["alone"] == one["alone"] for r in two)
+    assert one["batched"] == one["alone"]
+
+
+def test_int4_refuses_a_tp_size_that_splits_groups_before_reading(int4_ckpt, tmp_path):
+    with pytest.raises(CheckpointError, match=r"256 input channels are 2 groups of 128.*over 4 ranks"):
+        load_model(int4_ckpt, 0, 4, quantize="int4")
+    with pytest.raises(CutError, match=r"512 input channels are 4 groups of 128.*over 8 ranks|groups of 128"):
+        cut(CutOptions(str(int4_ckpt), str(tmp_path / "q"), 4, quantize="int4", progress=False))
+    assert not (tmp_path / "q").exists()
+    out = cut(CutOptions(str(int4_ckpt), str(tmp_path / "q2"), 2, quantize="int4", progress=False))
+    with pytest.raises(CheckpointError, match="made with quantize=int4, launched with model.quantize=int8"):
+        load_model(out, 0, 2, quantize="int8")
+
+
+def test_int4_partition_bytes_against_float32(int4_ckpt, tmp_path):
+    f32 = cut(CutOptions(str(int4_ckpt), str(tmp_path / "f32"), 1, progress=False))
+    q = cut(CutOptions(str(int4_ckpt), str(tmp_path / "q"), 1, quantize="int4", progress=False))
+    size = lambda d: sum(p.stat().st_size for p in d.glob("rank_*/*.safetensors"))  # noqa: E731
+    assert size(q) <= 0.16 * size(f32)

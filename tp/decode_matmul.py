@@ -120,7 +120,8 @@ def choose(modules: list, x_dtype: torch.dtype) -> dict[tuple, str]:
     for its weight's dtype and shape on this host; returns {(dtype, N, K): path}."""
     groups: dict[tuple, list] = defaultdict(list)
     for m in modules:
-        groups[(m.weight.dtype, *m.weight.shape)].append(m)
+        if m.weight.dtype != torch.uint8:  # int4 (packed) has one decode path, tp/csrc's gemv_int4
+            groups[(m.weight.dtype, *m.weight.shape)].append(m)
     chosen, report = {}, []
     for key, members in groups.items():
         paths = candidates(members[0].weight, x_dtype)
@@ -168,6 +169,7 @@ def choose_prefill(modules: list, x_dtype: torch.dtype) -> tuple[torch.dtype | N
         than the whole weight in one GEMM (MKL on an AMD EPYC: 11008 x 2048 float32 at 64 rows, 37 ms
         whole, 27 ms in blocks of 2048), else None.
     Returns (compute, rows)."""
+    modules = [m for m in modules if m.weight.dtype != torch.uint8]  # int4 dequantizes in x's dtype
     if not modules:
         return None, None
     timed = [m for m in modules if getattr(m, "many_prefill_rows", True)] or modules

@@ -91,3 +91,43 @@ def kernel_terms(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor,
     """(scale, offset) in float32 for w = q * scale + offset, offset = -zero * scale (exact)."""
     s = scale.float()
     return s.contiguous(), (-zero.float() * s).contiguous()
+
+
+def dequantize_rows(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[N, K] in `dtype` of packed rows and their float32 kernel_terms: q * scale + offset (exact in
+    float32, then one rounding to dtype)."""
+    q = unpack(packed).float()
+    n, k = q.shape
+    groups = scale.shape[1]
+    w = q.view(n, groups, k // groups).mul_(scale[..., None]).add_(offset[..., None])
+    return w.view(n, k).to(dtype)
+
+
+_DEQUANT_BLOCK_BYTES = 32 << 20
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                compute: torch.dtype | None = None) -> torch.Tensor:
+    """x [M, K] @ W.T for int4 W, a block of weight rows dequantized at a time into the float GEMM of
+    `compute` (default x's dtype): bounded memory, prefill's path (and any device's, until a fused
+    kernel is routed there)."""
+    compute = compute or x.dtype
+    xc = x.to(compute)
+    n, k = packed.shape[0], packed.shape[1] * 2
+    block = max(1, _DEQUANT_BLOCK_BYTES // max(1, k * 4))
+    y = torch.empty(x.shape[0], n, dtype=compute, device=x.device)
+    for i in range(0, n, block):
+        w = dequantize_rows(packed[i:i + block], scale[i:i + block], offset[i:i + block], compute)
+        torch.mm(xc, w.t(), out=y[:, i:i + w.shape[0]])
+    return y.to(x.dtype)
+
+
+def check_shapes(shapes: dict[str, tuple[int, ...]], group_size: int, world_size: int) -> None:
+    """Before anything is read: every weight to be held in int4 ([out, in] source shapes) has whole
+    groups, and a row-parallel one whole groups on every rank."""
+    from tp.split import split_of
+    for name, shape in shapes.items():
+        check_group(shape[1], group_size, f"{name}: ")
+        if split_of(name).kind == "row":
+            check_row_split(shape[1], group_size, world_size, name)

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tp import comm, decode_matmul
+from tp import comm, cpu_kernels, decode_matmul, int4
 from tp.cpu_kernels import MAX_ROWS
-from tp.quant import dequantized_linear, int8_linear
+from tp.quant import WeightFormat, dequantized_linear, int8_linear
 from tp.routing import matmul_route
 
 
@@ -34,12 +34,42 @@ class _Weight(nn.Module):
     prefill_rows: int | None = None  # at most this many weight rows per prefill GEMM (None: no limit)
     many_prefill_rows = True  # whether prefill sends it every position (what prefill choices are timed on)
 
-    def _make_weight(self, rows: int, cols: int, quantized: bool, dtype: torch.dtype, device) -> None:
-        self.quantized, self.dtype = quantized, dtype
-        self.weight = _empty(rows, cols, dtype=torch.int8 if quantized else dtype, device=device)
-        self.weight_scale = _empty(rows, dtype=torch.float32, device=device) if quantized else None
+    def _make_weight(self, rows: int, cols: int, quantized: "bool | WeightFormat", dtype: torch.dtype, device) -> None:
+        self.format = WeightFormat.of(quantized)
+        self.quantized, self.dtype = bool(self.format), dtype
+        self.weight_scale = None
+        if self.format.kind == "int4":  # tp/int4.py: packed nibbles, a float16 scale and a zero per group
+            groups = cols // self.format.group_size
+            self.weight = _empty(rows, cols // 2, dtype=torch.uint8, device=device)
+            self.weight_group_scale = _empty(rows, groups, dtype=torch.float16, device=device)
+            self.weight_group_zero = _empty(rows, groups, dtype=torch.uint8, device=device)
+            self._int4_terms: tuple[torch.Tensor, torch.Tensor] | None = None
+            return
+        self.weight = _empty(rows, cols, dtype=torch.int8 if self.quantized else dtype, device=device)
+        if self.quantized:
+            self.weight_scale = _empty(rows, dtype=torch.float32, device=device)
+
+    def int4_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 (scale, offset) per group, made once from the loaded scales and zeros."""
+        if self._int4_terms is None:
+            self._int4_terms = int4.kernel_terms(self.weight_group_scale, self.weight_group_zero)
+        return self._int4_terms
+
+    def _int4_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        rows = x.numel() // k if k else 0
+        scale, offset = self.int4_terms()
+        op = cpu_kernels.op_for("gemv_int4", x, MAX_ROWS)
+        if op is not None:
+            y = op(x.reshape(rows, k).contiguous(), self.weight, scale, offset, bias)
+        else:
+            y = int4.int4_linear(x.reshape(rows, k), self.weight, scale, offset, self.prefill_compute)
+            y = y if bias is None else y.add_(bias)
+        return y.view(*lead, self.weight.shape[0])
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.format.kind == "int4":
+            return self._int4_matmul(x, bias)
         lead, k = x.shape[:-1], x.shape[-1]
         rows = x.numel() // k if k else 0
         if matmul_route(x.device.type, rows, MAX_ROWS) == "decode":
@@ -61,7 +91,7 @@ class ColumnParallelLinear(_Weight):
     stacked into one (fused q/k/v, gate/up): `out_features` is then their total."""
 
     def __init__(self, in_features: int, out_features: int, world_size: int, bias: bool,
-                 dtype: torch.dtype, device=None, quantized: bool = False):
+                 dtype: torch.dtype, device=None, quantized: "bool | WeightFormat" = False):
         super().__init__()
         assert out_features % world_size == 0, (out_features, world_size)
         self._make_weight(out_features // world_size, in_features, quantized, dtype, device)
@@ -76,7 +106,7 @@ class RowParallelLinear(_Weight):
     bias (whole on every rank) is added once after it."""
 
     def __init__(self, in_features: int, out_features: int, world_size: int, bias: bool,
-                 dtype: torch.dtype, device=None, quantized: bool = False):
+                 dtype: torch.dtype, device=None, quantized: "bool | WeightFormat" = False):
         super().__init__()
         assert in_features % world_size == 0, (in_features, world_size)
         self.world_size = world_size
@@ -96,7 +126,7 @@ class VocabParallelEmbedding(_Weight):
     int8: each row has its own scale, applied after the lookup."""
 
     def __init__(self, padded_vocab: int, hidden: int, rank: int, world_size: int,
-                 dtype: torch.dtype, device=None, quantized: bool = False):
+                 dtype: torch.dtype, device=None, quantized: "bool | WeightFormat" = False):
         super().__init__()
         self.world_size = world_size
         self.per_rank = padded_vocab // world_size
@@ -105,6 +135,11 @@ class VocabParallelEmbedding(_Weight):
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(ids, self.weight)
+        if self.format.kind == "int4":
+            scale, offset = self.int4_terms()
+            flat = int4.dequantize_rows(rows.reshape(-1, rows.shape[-1]), scale[ids].reshape(-1, scale.shape[1]),
+                                        offset[ids].reshape(-1, offset.shape[1]))
+            return flat.view(*ids.shape, -1).to(self.dtype)
         if self.quantized:
             rows = (rows.float() * self.weight_scale[ids].unsqueeze(-1)).to(self.dtype)
         return rows
@@ -127,7 +162,7 @@ class ParallelLMHead(_Weight):
     many_prefill_rows = False  # prefill runs only the last position through it (InternLM.forward)
 
     def __init__(self, hidden: int, padded_vocab: int, vocab_size: int, world_size: int,
-                 dtype: torch.dtype, device=None, quantized: bool = False):
+                 dtype: torch.dtype, device=None, quantized: "bool | WeightFormat" = False):
         super().__init__()
         self.world_size = world_size
         self.vocab_size = vocab_size

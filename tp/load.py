@@ -14,7 +14,8 @@ from tp.graphs import DecodeGraphs
 from tp.graphs import enabled as graphs_enabled
 from tp.model import InternLM
 from tp.partition import is_cut, open_partition
-from tp.quant import check_choice, is_quantized, lm_head_quantized, quantize_rows, scale_name
+from tp import int4
+from tp.quant import check_choice, is_quantized, lm_head_quantized, quantize_rows, scale_name, stored_names
 from tp.layout import lm_head_name, source_names, targets
 from tp.split import pad_rows, shard_bounds, split_of
 
@@ -24,10 +25,10 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def expected_names(cfg: ModelConfig, quantize: str = "none", quantize_lm_head: bool = True,
                    quantize_embedding: bool = True) -> list[str]:
-    """Every tensor a checkpoint of this layout and shape must hold; with int8, each quantized weight
-    is followed by its `_scale`."""
+    """Every tensor a checkpoint of this layout and shape must hold; each quantized weight is followed
+    by its `_scale` (int8) or its `_group_scale` and `_group_zero` (int4)."""
     return [m for n in source_names(cfg)
-            for m in ([n, scale_name(n)] if is_quantized(n, quantize, quantize_lm_head, quantize_embedding) else [n])]
+            for m in (stored_names(n, quantize) if is_quantized(n, quantize, quantize_lm_head, quantize_embedding) else [n])]
 
 
 def check_source_names(cfg: ModelConfig, present: set[str], where: str, error: type[Exception]) -> None:
@@ -102,17 +103,18 @@ def resolve_quantize(requested: str, cut_manifest: dict | None) -> str:
         return "none" if requested == "auto" else requested
     cut_as = cut_manifest.get("quantize", "none")
     if requested not in ("auto", cut_as):
-        hint = ("launch with model.quantize=int8 (or auto)" if cut_as == "int8" else
-                "cut again with quantize=int8, or launch from the uncut checkpoint, which is quantized at load")
+        hint = (f"launch with model.quantize={cut_as} (or auto)" if cut_as != "none" else
+                f"cut again with quantize={requested}, or launch from the uncut checkpoint, which is quantized at load")
         raise CheckpointError(f"the cut was made with quantize={cut_as}, launched with model.quantize={requested}: {hint}")
     return cut_as
 
 
 def load_model(path: str | Path, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
                dtype: str = "auto", quantize: str = "auto", quantize_lm_head: bool = True,
-               quantize_embedding: bool = True, graphs: str = "auto") -> InternLM:
+               quantize_embedding: bool = True, graphs: str = "auto", group_size: int = int4.DEFAULT_GROUP) -> InternLM:
     """A rank's model from a cut directory (its own `rank_r/`) or from an uncut published checkpoint
-    (reading only its own slices, through mmap/safetensors; quantize=int8 quantizes them on the way).
+    (reading only its own slices, through mmap/safetensors; quantize=int8 or int4 quantizes them on the
+    way, int4 in groups of `group_size` input channels; a cut says its own).
     graphs: auto | off, whether the decode step is replayed from a captured graph (tp.graphs)."""
     device = torch.device(device)
     cut = is_cut(path)
@@ -121,6 +123,7 @@ def load_model(path: str | Path, rank: int = 0, world_size: int = 1, device: tor
         directory, manifest = open_partition(path, rank, world_size)
         quantize_lm_head = bool(manifest.get("quantize_lm_head", True))
         quantize_embedding = bool(manifest.get("quantize_embedding", True))
+        group_size = int(manifest.get("group_size") or group_size)
     else:
         directory = Path(path)
     quantize = resolve_quantize(quantize, manifest)
@@ -138,6 +141,10 @@ def load_model(path: str | Path, rank: int = 0, world_size: int = 1, device: tor
         if name in scales:
             return scales.pop(name)
         if is_quantized(name, quantize, quantize_lm_head, quantize_embedding):
+            if quantize == "int4":  # groups lie within a rank's slice: quantize just that
+                packed, scales[int4.group_scale_name(name)], scales[int4.group_zero_name(name)] = int4.quantize_groups(
+                    read_shard(source, name, rank, world_size, padded, kv), group_size)
+                return packed
             q, scales[scale_name(name)] = read_quantized_shard(source, name, rank, world_size, padded, kv)
             return q
         return read_shard(source, name, rank, world_size, padded, kv)
@@ -151,8 +158,15 @@ def load_model(path: str | Path, rank: int = 0, world_size: int = 1, device: tor
                                   f"{' ...' if len(missing) > 5 else ''}")
     else:
         check_source_names(cfg, present, str(directory), CheckpointError)
+        if quantize == "int4":
+            try:
+                int4.check_shapes({n: source.shape(n) for n in expected
+                                   if is_quantized(n, quantize, quantize_lm_head, quantize_embedding)}, group_size, world_size)
+            except ValueError as e:
+                raise CheckpointError(f"{directory}: int4: {e}") from None
     model = InternLM(cfg, rank, world_size, resolve_dtype(dtype, source.dtype("model.norm.weight"), device), device,
-                     quantize=quantize, quantize_lm_head=quantize_lm_head, quantize_embedding=quantize_embedding)
+                     quantize=quantize, quantize_lm_head=quantize_lm_head, quantize_embedding=quantize_embedding,
+                     group_size=group_size)
     if device.type == "cpu":  # before fill writes them: the pages are chosen at first touch
         advised = hugepages.advise(model.parameters())
     fill(model, local, expected)

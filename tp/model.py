@@ -20,7 +20,7 @@ from tp import cpu_kernels, decode_attention, prefill_attention
 from tp.config import ModelConfig
 from tp.cpu_kernels import MAX_ROWS
 from tp.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
-from tp.quant import lm_head_quantized
+from tp.quant import WeightFormat, lm_head_quantized
 
 
 class RMSNorm(nn.Module):
@@ -151,7 +151,7 @@ class DecodeStep:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, world_size: int, dtype: torch.dtype, device=None, int8: bool = False):
+    def __init__(self, cfg: ModelConfig, world_size: int, dtype: torch.dtype, device=None, int8: "bool | WeightFormat" = False):
         super().__init__()
         self.local_heads = cfg.num_attention_heads // world_size
         self.local_kv_heads = cfg.local_kv_heads(world_size)
@@ -216,7 +216,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, world_size: int, dtype: torch.dtype, device=None, int8: bool = False):
+    def __init__(self, cfg: ModelConfig, world_size: int, dtype: torch.dtype, device=None, int8: "bool | WeightFormat" = False):
         super().__init__()
         h, inter = cfg.hidden_size, cfg.intermediate_size
         self.gate_up_proj = ColumnParallelLinear(h, 2 * inter, world_size, False, dtype, device, quantized=int8)
@@ -232,7 +232,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, world_size: int, dtype: torch.dtype, device=None, int8: bool = False):
+    def __init__(self, cfg: ModelConfig, world_size: int, dtype: torch.dtype, device=None, int8: "bool | WeightFormat" = False):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.self_attn = Attention(cfg, world_size, dtype, device, int8)
@@ -254,7 +254,7 @@ class DecoderLayer(nn.Module):
 
 class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig, rank: int, world_size: int, dtype: torch.dtype, device=None,
-                 int8: bool = False, int8_embedding: bool = False):
+                 int8: "bool | WeightFormat" = False, int8_embedding: "bool | WeightFormat" = False):
         super().__init__()
         padded = cfg.padded_vocab_size(world_size)
         self.embed_tokens = VocabParallelEmbedding(padded, cfg.hidden_size, rank, world_size, dtype, device,
@@ -269,24 +269,31 @@ class InternLM(nn.Module):
 
     quantize="int8": the linear layers, the LM head and the embedding (unless quantize_lm_head or
     quantize_embedding is False) hold int8 weights with per-row `weight_scale` (tp/quant.py);
-    `dtype` is then the activations'.
+    quantize="int4": packed int4 with `weight_group_scale` and `weight_group_zero` per group of
+    `group_size` input channels (tp/int4.py). `dtype` is then the activations'.
     """
 
     def __init__(self, cfg: ModelConfig, rank: int = 0, world_size: int = 1,
                  dtype: torch.dtype = torch.float32, device=None, quantize: str = "none",
-                 quantize_lm_head: bool = True, quantize_embedding: bool = True):
+                 quantize_lm_head: bool = True, quantize_embedding: bool = True, group_size: int = 128):
         super().__init__()
         cfg.check_divisible(world_size)
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        int8 = quantize == "int8"
-        self.quantize, self.quantize_embedding = quantize, int8 and quantize_embedding
-        self.quantize_lm_head = int8 and lm_head_quantized(cfg.tie_word_embeddings, quantize_lm_head, quantize_embedding)
-        self.model = Backbone(cfg, rank, world_size, dtype, device, int8, self.quantize_embedding)
+        quantized = quantize in ("int8", "int4")
+        fmt = WeightFormat(quantize, group_size if quantize == "int4" else 0) if quantized else WeightFormat()
+        self.quantize, self.quantize_embedding = quantize, quantized and quantize_embedding
+        self.group_size = fmt.group_size
+        self.quantize_lm_head = quantized and lm_head_quantized(cfg.tie_word_embeddings, quantize_lm_head, quantize_embedding)
+        self.model = Backbone(cfg, rank, world_size, dtype, device, fmt,
+                              fmt if self.quantize_embedding else WeightFormat())
         self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.padded_vocab_size(world_size), cfg.vocab_size,
-                                      world_size, dtype, device, quantized=self.quantize_lm_head)
+                                      world_size, dtype, device, quantized=fmt if self.quantize_lm_head else WeightFormat())
         if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-            self.lm_head.weight_scale = self.model.embed_tokens.weight_scale
+            embed = self.model.embed_tokens
+            self.lm_head.weight, self.lm_head.weight_scale = embed.weight, embed.weight_scale
+            if fmt.kind == "int4" and self.quantize_embedding:
+                self.lm_head.weight_group_scale = embed.weight_group_scale
+                self.lm_head.weight_group_zero = embed.weight_group_zero
         self.max_seq, self.rope_len = 0, 0
         self.step: DecodeStep | None = None  # the decode step's inputs, allocated with the cache
         self.graphs = None  # tp.graphs.DecodeGraphs where the step is replayed from a graph

@@ -12,15 +12,18 @@ from __future__ import annotations
 import logging
 import re
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from tp import triton_int8
+from tp.int4 import group_scale_name, group_zero_name
 from tp.routing import int8_route
 
 log = logging.getLogger("internlm_tp")
 
-QUANTIZE_CHOICES = ("none", "int8")
+QUANTIZE_CHOICES = ("none", "int8", "int4")
 # Every layout's linear weights (InternLM2's packed wqkv rows are still rows: per-row scales travel
 # with them through the cut and the unpacking).
 _LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj"
@@ -29,14 +32,39 @@ _LM_HEAD = ("lm_head.weight", "output.weight")
 _EMBEDDING = ("model.embed_tokens.weight", "model.tok_embeddings.weight")  # a lookup reads one row and its scale
 
 
+@dataclass(frozen=True)
+class WeightFormat:
+    """How a layer's weight is held: "float" (the activations' dtype), "int8" (per-row scales) or
+    "int4" (tp/int4.py, groups of group_size input channels). False when float."""
+    kind: str = "float"
+    group_size: int = 0
+
+    def __bool__(self) -> bool:
+        return self.kind != "float"
+
+    @staticmethod
+    def of(value: "bool | WeightFormat") -> "WeightFormat":
+        if isinstance(value, WeightFormat):
+            return value
+        return WeightFormat("int8") if value else WeightFormat()
+
+
+def stored_names(name: str, quantize: str) -> list[str]:
+    """The tensors a quantized source weight `name` is stored as under `quantize` (int8 or int4)."""
+    if quantize == "int4":
+        return [name, group_scale_name(name), group_zero_name(name)]
+    return [name, scale_name(name)]
+
+
 def check_choice(quantize: str) -> None:
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize={quantize!r}: expected one of {', '.join(QUANTIZE_CHOICES)}")
 
 
 def is_quantized(name: str, quantize: str, lm_head: bool = True, embedding: bool = True) -> bool:
-    """Whether source weight `name` is stored as int8 + scales under this setting."""
-    return quantize == "int8" and (bool(_LINEAR.match(name)) or (embedding and name in _EMBEDDING)
+    """Whether source weight `name` is stored quantized (int8 + scales, int4 + group scales and zeros)
+    under this setting."""
+    return quantize in ("int8", "int4") and (bool(_LINEAR.match(name)) or (embedding and name in _EMBEDDING)
                                    or (lm_head and name in _LM_HEAD))
 
 

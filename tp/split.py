@@ -28,25 +28,27 @@ REPLICATED = Split("replicated", None)
 # Source names of every published layout (tp/layout.py maps them onto the model's parameters).
 SPLIT_TABLE: tuple[tuple[re.Pattern, Split], ...] = tuple((re.compile(p), s) for p, s in (
     # InternLM / LLaMA names
-    (r"^model\.layers\.\d+\.self_attn\.q_proj\.(weight|bias|weight_scale)$", COLUMN),
-    (r"^model\.layers\.\d+\.self_attn\.[kv]_proj\.(weight|bias|weight_scale)$", KV),
-    (r"^model\.layers\.\d+\.mlp\.(gate|up)_proj\.(weight|weight_scale)$", COLUMN),
-    (r"^model\.layers\.\d+\.self_attn\.o_proj\.weight$", ROW),
-    (r"^model\.layers\.\d+\.mlp\.down_proj\.weight$", ROW),
+    (r"^model\.layers\.\d+\.self_attn\.q_proj\.(weight|bias|weight_scale|weight_group_scale|weight_group_zero)$", COLUMN),
+    (r"^model\.layers\.\d+\.self_attn\.[kv]_proj\.(weight|bias|weight_scale|weight_group_scale|weight_group_zero)$", KV),
+    (r"^model\.layers\.\d+\.mlp\.(gate|up)_proj\.(weight|weight_scale|weight_group_scale|weight_group_zero)$", COLUMN),
+    # (int4: packed [out, in / 2] and the group scales and zeros [out, in / group] cut alike, by
+    # whole groups of input channels: tp/int4.check_row_split)
+    (r"^model\.layers\.\d+\.self_attn\.o_proj\.(weight|weight_group_scale|weight_group_zero)$", ROW),
+    (r"^model\.layers\.\d+\.mlp\.down_proj\.(weight|weight_group_scale|weight_group_zero)$", ROW),
     # o_proj's bias is added once, after the all-reduce, so every rank keeps all of it.
     (r"^model\.layers\.\d+\.self_attn\.o_proj\.bias$", REPLICATED),
     (r"^model\.layers\.\d+\.(input_layernorm|post_attention_layernorm)\.weight$", REPLICATED),
     (r"^model\.norm\.weight$", REPLICATED),
-    (r"^model\.embed_tokens\.(weight|weight_scale)$", VOCAB),
-    (r"^lm_head\.(weight|weight_scale)$", VOCAB),
+    (r"^model\.embed_tokens\.(weight|weight_scale|weight_group_scale|weight_group_zero)$", VOCAB),
+    (r"^lm_head\.(weight|weight_scale|weight_group_scale|weight_group_zero)$", VOCAB),
     # InternLM2 names: wqkv packs q/k/v per kv group, cut by whole groups
-    (r"^model\.layers\.\d+\.attention\.wqkv\.(weight|bias|weight_scale)$", KV),
+    (r"^model\.layers\.\d+\.attention\.wqkv\.(weight|bias|weight_scale|weight_group_scale|weight_group_zero)$", KV),
     (r"^model\.layers\.\d+\.attention\.wo\.bias$", REPLICATED),
-    (r"^model\.layers\.\d+\.feed_forward\.w[13]\.(weight|weight_scale)$", COLUMN),
-    (r"^model\.layers\.\d+\.(attention\.wo|feed_forward\.w2)\.weight$", ROW),
+    (r"^model\.layers\.\d+\.feed_forward\.w[13]\.(weight|weight_scale|weight_group_scale|weight_group_zero)$", COLUMN),
+    (r"^model\.layers\.\d+\.(attention\.wo|feed_forward\.w2)\.(weight|weight_group_scale|weight_group_zero)$", ROW),
     (r"^model\.layers\.\d+\.(attention_norm|ffn_norm)\.weight$", REPLICATED),
-    (r"^model\.tok_embeddings\.(weight|weight_scale)$", VOCAB),
-    (r"^output\.(weight|weight_scale)$", VOCAB),
+    (r"^model\.tok_embeddings\.(weight|weight_scale|weight_group_scale|weight_group_zero)$", VOCAB),
+    (r"^output\.(weight|weight_scale|weight_group_scale|weight_group_zero)$", VOCAB),
     # Per-output-channel int8 scales (tp/quant.py) follow their weight's rows (above); a row-parallel
     # weight keeps all its rows on every rank, so its scales are whole.
     (r"^model\.layers\.\d+\.(self_attn\.o_proj|mlp\.down_proj|attention\.wo|feed_forward\.w2)\.weight_scale$",

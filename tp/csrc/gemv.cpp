@@ -279,6 +279,23 @@ void dispatch_out(const float* xp, const BlockedX* blocked, const c10::BFloat16*
   }
 }
 
+// bias, where given: [N] in x's dtype; an undefined tensor otherwise.
+at::Tensor checked_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t N) {
+  if (!bias.has_value()) return {};
+  TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous(),
+              "bias: [N] in x's dtype");
+  return *bias;
+}
+
+// bfloat16 activations widened once, into a buffer of the call's own: an ATen conversion costs a few
+// us of dispatch, 33 times a decode step.
+const float* widen(const at::Tensor& x, std::vector<float>& buffer) {
+  buffer.resize(x.numel());
+  const c10::BFloat16* source = x.data_ptr<c10::BFloat16>();
+  for (int64_t i = 0; i < x.numel(); ++i) buffer[i] = static_cast<float>(source[i]);
+  return buffer.data();
+}
+
 // ---- int4 (tp/int4.py): w = q * scale[g] + offset[g] per group g of input channels ----------------
 // y[m, n] = sum_g scale[n, g] * (sum_{k in g} q[n, k] x[m, k]) + sum_g offset[n, g] * xsum[m, g], with
 // xsum the activations' sum over each group, once per call (llama.cpp's Q4_1 folds its minimum so):
@@ -380,24 +397,11 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   TORCH_CHECK(groups > 0 && K % groups == 0 && (K / groups) % 32 == 0, "groups: whole blocks of 32 channels of K");
   TORCH_CHECK(offset.scalar_type() == at::kFloat && offset.sizes() == scale.sizes() && offset.is_contiguous(),
               "offset: contiguous float32, scale's shape");
-  at::Tensor b;
-  if (bias.has_value()) {
-    b = *bias;
-    TORCH_CHECK(b.scalar_type() == x.scalar_type() && b.dim() == 1 && b.size(0) == N && b.is_contiguous(),
-                "bias: [N] in x's dtype");
-  }
+  const at::Tensor b = checked_bias(bias, x, N);
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   std::vector<float> widened;
-  const float* xp;
-  if (x.scalar_type() == at::kFloat) {
-    xp = x.data_ptr<float>();
-  } else {
-    widened.resize(M * K);
-    const c10::BFloat16* source = x.data_ptr<c10::BFloat16>();
-    for (int64_t i = 0; i < M * K; ++i) widened[i] = static_cast<float>(source[i]);
-    xp = widened.data();
-  }
+  const float* xp = x.scalar_type() == at::kFloat ? x.data_ptr<float>() : widen(x, widened);
   const int64_t group = K / groups;
   std::vector<float> xsum(M * groups);
   for (int64_t m = 0; m < M; ++m)
@@ -433,16 +437,9 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at
     sp = scale->data_ptr<float>();
   }
   TORCH_CHECK(wt != at::kChar || sp != nullptr, "int8 weights need their per-row scale");
-  at::Tensor b;
-  if (bias.has_value()) {
-    b = *bias;
-    TORCH_CHECK(b.scalar_type() == x.scalar_type() && b.dim() == 1 && b.size(0) == N && b.is_contiguous(),
-                "bias: [N] in x's dtype");
-  }
+  const at::Tensor b = checked_bias(bias, x, N);
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  // bfloat16 activations widened once, into a buffer of this call's own: an ATen conversion costs
-  // a few us of dispatch, 33 times a decode step.
   const int64_t K = x.size(1);
   std::vector<float> widened;
   const float* xp = nullptr;
@@ -452,10 +449,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at
   if (x.scalar_type() == at::kFloat) {
     xp = x.data_ptr<float>();
   } else if (!dot) {  // the dot path reads x as it is
-    widened.resize(M * K);
-    const c10::BFloat16* source = x.data_ptr<c10::BFloat16>();
-    for (int64_t i = 0; i < M * K; ++i) widened[i] = static_cast<float>(source[i]);
-    xp = widened.data();
+    xp = widen(x, widened);
   }
   if (wt == at::kFloat) {
     dispatch_out<float>(xp, nullptr, nullptr, M, K, w, sp, b, y);
