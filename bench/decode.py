@@ -8,7 +8,7 @@ On an InternLM-shaped model of >= 500M parameters (hidden 2048, 8 layers, 16 hea
     serve several streams faster than torch's one, and the roofline must not be the easier read);
     measured before everything else, between the two passes of ours and after (the best kept: the
     host drifts);
-    a step's roofline time is the bytes it must read (every weight once, int8 + scales for int8) / that;
+    a step's roofline time is the bytes it must read (every weight once; int8 + scales; int4 + group scales and zeros) / that;
   - a GEMV probe: torch's F.linear and torch.mv at batch 1 over matrices of the model's own shapes;
   - transformers' `generate` (LlamaForCausalLM, attention_bias=True) on the same checkpoint;
   - ours at TP=1 (2 threads), TP=1 with torch's matmuls only (INTERNLM_TP_GEMV=torch), and TP=2
@@ -16,12 +16,15 @@ On an InternLM-shaped model of >= 500M parameters (hidden 2048, 8 layers, 16 hea
     better pass of each kept, for next token and prefill alike (as for the roofline: the host's
     bandwidth drifts over a run, and a bar comparing two contenders measured minutes apart would
     otherwise measure the drift);
-in float32, bfloat16 and weight-only int8 (bfloat16 activations), plus the first-token time at input 512.
+in float32, bfloat16, weight-only int8 and int4 (groups of 128; bfloat16 activations), plus the first-token
+time at input 512.
 Bars (issue 11, SPEC §4): ours TP=1 within 1.3x of the read roofline (goal 1.1x) in every dtype;
 bfloat16 tokens/s >= 1.5x transformers'; int8 >= 2.0x transformers' float32 and >= 1.25x our bfloat16;
-TP=2 >= 0.9x TP=1; prefill at 512 no slower than transformers. The CPU model and flags come first.
+TP=2 >= 0.9x TP=1; prefill at 512 no slower than transformers; int4 (issue 25) within 1.3x of its roofline
+(packed weights, scales and zeros) and >= 1.6x our int8's tokens/s, its partition <= 0.16 of float32's.
+The CPU model and flags come first.
 
-    python bench/decode.py [--dtypes float32,bfloat16] [--no-int8] [--new-tokens 32] [--workdir DIR]
+    python bench/decode.py [--dtypes float32,bfloat16] [--no-int8] [--no-int4] [--new-tokens 32] [--workdir DIR]
 """
 from __future__ import annotations
 
@@ -210,10 +213,12 @@ def worker_ours(ckpt: str, dtype: str, threads: int, new_tokens: int, quantize: 
 
 
 def worker_cut_bytes(ckpt: str, out: str) -> dict:
-    """Partition bytes on disk of a float32 cut and of an int8 cut (bfloat16 for what stays float)."""
+    """Partition bytes on disk of a float32 cut, an int8 cut (bfloat16 for what stays float) and an int4
+    cut (groups of 128)."""
     from cut_weights import CutOptions, cut
     sizes = {}
-    for label, opts in (("float32", {}), ("int8", {"quantize": "int8", "dtype": "bfloat16"})):
+    for label, opts in (("float32", {}), ("int8", {"quantize": "int8", "dtype": "bfloat16"}),
+                        ("int4", {"quantize": "int4", "dtype": "bfloat16"})):
         target = Path(out) / label
         cut(CutOptions(ckpt, str(target), 1, overwrite=True, progress=False, **opts))
         sizes[label] = sum(p.stat().st_size for p in target.glob("rank_*/*.safetensors"))
@@ -245,6 +250,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--no-int8", action="store_true")
+    ap.add_argument("--no-int4", action="store_true")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -265,9 +271,11 @@ def main() -> None:
             print(f"checkpoint: InternLM-shaped {SHAPE}, {built['bytes'] / 1e9:.2f} GB float32")
         reads = [call("read", 2)]
         runs = {}  # label -> (activations dtype, quantize)
-        variants = [(d, d, "none") for d in args.dtypes.split(",")]
+        variants = [(d, d, "none") for d in args.dtypes.split(",") if d]
         if not args.no_int8:
             variants.append(("int8", "bfloat16", "int8"))
+        if not args.no_int4:
+            variants.append(("int4", "bfloat16", "int4"))
         for label, dtype, quantize in variants:
             r = {"ours": call("ours", ckpt, dtype, 2, args.new_tokens, quantize),
                  "torch": call("ours", ckpt, dtype, 2, args.new_tokens, quantize, env={"INTERNLM_TP_GEMV": "torch"}),
@@ -288,11 +296,12 @@ def main() -> None:
                 runs[label][key] = {**first, **{m: min(first[m], second[m]) for m in ("next_token_ms", "prefill_512_ms")}}
         reads.append(call("read", 2))
         report(runs, max(r["GBps"] for r in reads), reads, args.new_tokens)
-        if not args.no_int8:
+        if not (args.no_int8 and args.no_int4):
             sizes = call("cut_bytes", ckpt, work / "cuts")
-            ratio = sizes["int8"] / sizes["float32"]
-            print(f"  partition bytes int8 / float32: {sizes['int8'] / 1e9:.2f} / {sizes['float32'] / 1e9:.2f} GB = "
-                  f"{ratio:.3f}  (bar <= 0.3)  {'PASS' if ratio <= 0.3 else 'FAIL'}")
+            for label, bar in (("int8", 0.3), ("int4", 0.16)):
+                ratio = sizes[label] / sizes["float32"]
+                print(f"  partition bytes {label} / float32: {sizes[label] / 1e9:.2f} / {sizes['float32'] / 1e9:.2f} GB = "
+                      f"{ratio:.3f}  (bar <= {bar})  {'PASS' if ratio <= bar else 'FAIL'}")
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
@@ -344,6 +353,9 @@ def report(runs: dict, bw: float, reads: list[float], new_tokens: int) -> None:
             checks.append(("int8: ours / transformers float32 tokens/s", runs["float32"]["hf"]["next_token_ms"] / ms, ">=", 2.0))
         if "bfloat16" in runs:
             checks.append(("int8: ours / ours bfloat16 tokens/s", runs["bfloat16"]["ours"]["next_token_ms"] / ms, ">=", 1.25))
+    if "int4" in runs and "int8" in runs:
+        checks.append(("int4: ours / ours int8 tokens/s", runs["int8"]["ours"]["next_token_ms"] / runs["int4"]["ours"]["next_token_ms"],
+                       ">=", 1.6))
     print()
     for name, value, op, limit in checks:
         ok = value <= limit if op == "<=" else value >= limit

@@ -8,6 +8,8 @@ place after `manifest.json`, so an interrupted cut never leaves a directory that
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import shutil
@@ -19,12 +21,12 @@ import torch
 from tqdm import tqdm
 
 from cut_weights.safetensors_writer import StreamingSafetensorsWriter, nbytes
-from tp.checkpoint import READ_BLOCK_BYTES
-from tp.checkpoint import CheckpointReader
+from tp.checkpoint import READ_BLOCK_BYTES, CheckpointReader
 from tp.config import ModelConfig
 from tp.load import DTYPES, check_source_names
 from tp.partition import FORMAT, MANIFEST, VERSION, rank_dir
 from tp import int4
+from tp.formats import PublishedInt4Reader, open_checkpoint
 from tp.quant import QUANTIZE_CHOICES, is_quantized, lm_head_quantized, quantize_rows, scale_name
 from tp.split import local_shape, pad_rows, shard_bounds, split_of
 
@@ -148,7 +150,14 @@ def cut(opts: CutOptions) -> Path:
     cfg.check_divisible(world)  # before anything is written
     if not any((src / f).is_file() for f in TOKENIZER_FILES):
         raise CutError(f"{src}: no tokenizer ({' or '.join(TOKENIZER_FILES)}); the partitions need it")
-    reader = CheckpointReader(src)
+    reader = open_checkpoint(src)
+    published = isinstance(reader, PublishedInt4Reader)
+    if published:  # AWQ / GPTQ: cut as our int4 (converted, not quantized again), its float tensors as they are
+        if opts.quantize not in ("none", "int4"):
+            raise CutError(f"{src} is {reader.int4_format.method.upper()} 4-bit already: cut it with quantize=none "
+                           f"(or int4), not {opts.quantize}")
+        opts = dataclasses.replace(opts, quantize="int4", group_size=reader.int4_format.group_size,
+                                   quantize_lm_head=False, quantize_embedding=False)
     names = _source_order(reader)
     check_source_names(cfg, set(names), str(src), CutError)
     shapes = {n: reader.shape(n) for n in names}  # reads every file's header: a bad file fails here
@@ -160,12 +169,17 @@ def cut(opts: CutOptions) -> Path:
     padded, kv = cfg.padded_vocab_size(world), cfg.kv_heads
     quantize_lm_head = lm_head_quantized(cfg.tie_word_embeddings, opts.quantize_lm_head, opts.quantize_embedding)
 
-    def quantized(name: str) -> bool:
-        return is_quantized(name, opts.quantize, quantize_lm_head, opts.quantize_embedding)
+    def quantized(name: str) -> bool:  # to be quantized here (a published int4 tensor already is)
+        return not published and is_quantized(name, opts.quantize, quantize_lm_head, opts.quantize_embedding)
+
+    def kept_dtype(name: str) -> torch.dtype:  # a published int4 tensor keeps its own
+        return reader.dtype(name) if published and reader.is_int4_tensor(name) else out_dtype
 
     if opts.quantize == "int4":  # whole groups everywhere, before anything is written
         try:
-            int4.check_shapes({n: shapes[n] for n in names if quantized(n)}, opts.group_size, world)
+            int4.check_shapes({n: reader.source_shape(n) for n in names if reader.is_int4_tensor(n)
+                               and n.endswith(".weight")} if published else
+                              {n: shapes[n] for n in names if quantized(n)}, opts.group_size, world)
         except ValueError as e:
             raise CutError(f"int4: {e}") from None
     quant = opts.quantize if opts.quantize != "none" else None
@@ -188,6 +202,7 @@ def cut(opts: CutOptions) -> Path:
             directory.mkdir()
             config = {**source_config, dtype_key: str(out_dtype).removeprefix("torch."),
                       "tensor_parallel": {"world_size": world, "rank": r}}
+            config.pop("quantization_config", None)  # an AWQ/GPTQ source's: the cut holds our int4
             if opts.quantize == "int8":
                 config["quantization"] = {"method": "weight_only_int8", "granularity": "per_output_channel",
                                           "symmetric": True, "lm_head": opts.quantize_lm_head,
@@ -195,13 +210,14 @@ def cut(opts: CutOptions) -> Path:
             elif opts.quantize == "int4":
                 config["quantization"] = {"method": "weight_only_int4", "granularity": "per_group",
                                           "group_size": opts.group_size, "symmetric": False,
+                                          "source": reader.int4_format.method if published else "round_to_nearest",
                                           "lm_head": opts.quantize_lm_head, "embedding": opts.quantize_embedding}
             (directory / "config.json").write_text(json.dumps(config, indent=2))
             for file in COPIED_FILES:
                 if (src / file).is_file():
                     shutil.copyfile(src / file, directory / file)
             plan = [entry for n in names
-                    for entry in _plan(n, shapes[n], out_dtype, r, world, padded, kv, quantized(n) and quant, opts.group_size)]
+                    for entry in _plan(n, shapes[n], kept_dtype(n), r, world, padded, kv, quantized(n) and quant, opts.group_size)]
             outputs.append(RankOutput(directory, _shards(plan, shard_limit)))
 
         total = sum(nbytes(shapes[n], reader.dtype(n)) for n in names)
@@ -213,7 +229,7 @@ def cut(opts: CutOptions) -> Path:
                 elif quantized(name):
                     _stream_quantized(reader, name, shapes[name], outputs, world, padded, kv, bar)
                 else:
-                    _stream_tensor(reader, name, shapes[name], out_dtype, outputs, world, padded, kv, bar)
+                    _stream_tensor(reader, name, shapes[name], kept_dtype(name), outputs, world, padded, kv, bar)
         rank_files = {str(r): {"files": o.finish()} for r, o in enumerate(outputs)}
 
         manifest = {
@@ -225,7 +241,7 @@ def cut(opts: CutOptions) -> Path:
             "group_size": opts.group_size if quant == "int4" else None,
             "source": {"path": str(src.resolve()), "format": reader.format, "files": reader.file_bytes()},
             "tensors": {n: entry for name in names
-                        for n, entry in _manifest_entries(name, shapes[name], reader.dtype(name), out_dtype,
+                        for n, entry in _manifest_entries(name, shapes[name], reader.dtype(name), kept_dtype(name),
                                                           quantized(name) and quant, opts.group_size)},
             "ranks": rank_files,
         }

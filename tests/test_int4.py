@@ -87,6 +87,11 @@ def test_int4_kernel_is_float32_exact_up_to_summation_rounding(isa, x_dtype, row
                  + xs.abs().sum(-1) @ o.abs().t() + bias.double().abs())
     bound = (k + 3) * 2 ** -24 * magnitude
     if x_dtype == torch.bfloat16:
+        # x as int16 per group (gemv.cpp's BlockedX): each element off by at most 2^-15 of its group's
+        # largest |x|, met by q * scale (the offset term takes x's exact group sums); then the output's
+        # bfloat16 rounding
+        largest = xs.abs().amax(-1).repeat_interleave(group, dim=1)
+        bound = bound + (largest * 2 ** -15) @ (q * s.repeat_interleave(group, 1)).abs().t()
         bound = bound + exact.abs() * 2 ** -8
     assert ((y.double() - exact).abs() <= bound).all()
 

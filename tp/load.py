@@ -9,6 +9,7 @@ import torch
 
 from tp import decode_attention, decode_matmul, hugepages, malloc, prefill_attention
 from tp.checkpoint import READ_BLOCK_BYTES, CheckpointError, CheckpointReader, read_shard
+from tp.formats import PublishedInt4Reader, open_checkpoint
 from tp.config import ModelConfig
 from tp.graphs import DecodeGraphs
 from tp.graphs import enabled as graphs_enabled
@@ -126,12 +127,24 @@ def load_model(path: str | Path, rank: int = 0, world_size: int = 1, device: tor
         group_size = int(manifest.get("group_size") or group_size)
     else:
         directory = Path(path)
-    quantize = resolve_quantize(quantize, manifest)
+    if cut:
+        quantize = resolve_quantize(quantize, manifest)
+    elif quantize != "auto":
+        check_choice(quantize)
     replay = graphs_enabled(graphs, device.type)  # a bad setting refused before any weight is read
     cfg = ModelConfig.load(directory)
     cfg.check_divisible(world_size)
+    source = CheckpointReader(directory) if cut else open_checkpoint(directory)
+    published = isinstance(source, PublishedInt4Reader)
+    if published:  # AWQ / GPTQ: read as our int4, its layers only (embedding and LM head stay float)
+        if quantize not in ("auto", "int4"):
+            raise CheckpointError(f"{directory} is {source.int4_format.method.upper()} 4-bit: launch with "
+                                  f"model.quantize=auto (or int4), not {quantize}")
+        quantize, quantize_lm_head, quantize_embedding = "int4", False, False
+        group_size = source.int4_format.group_size
+    elif not cut:
+        quantize = resolve_quantize(quantize, None)
     quantize_lm_head = lm_head_quantized(cfg.tie_word_embeddings, quantize_lm_head, quantize_embedding)
-    source = CheckpointReader(directory)
     padded, kv = cfg.padded_vocab_size(world_size), cfg.kv_heads
     scales: dict[str, torch.Tensor] = {}
 
@@ -140,7 +153,7 @@ def load_model(path: str | Path, rank: int = 0, world_size: int = 1, device: tor
             return source.read(name)
         if name in scales:
             return scales.pop(name)
-        if is_quantized(name, quantize, quantize_lm_head, quantize_embedding):
+        if is_quantized(name, quantize, quantize_lm_head, quantize_embedding) and not published:
             if quantize == "int4":  # groups lie within a rank's slice: quantize just that
                 packed, scales[int4.group_scale_name(name)], scales[int4.group_zero_name(name)] = int4.quantize_groups(
                     read_shard(source, name, rank, world_size, padded, kv), group_size)
@@ -160,7 +173,7 @@ def load_model(path: str | Path, rank: int = 0, world_size: int = 1, device: tor
         check_source_names(cfg, present, str(directory), CheckpointError)
         if quantize == "int4":
             try:
-                int4.check_shapes({n: source.shape(n) for n in expected
+                int4.check_shapes({n: source.source_shape(n) if published else source.shape(n) for n in expected
                                    if is_quantized(n, quantize, quantize_lm_head, quantize_embedding)}, group_size, world_size)
             except ValueError as e:
                 raise CheckpointError(f"{directory}: int4: {e}") from None

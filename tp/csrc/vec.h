@@ -56,6 +56,17 @@ inline void round_block(const float* p, float up, int16_t* q) {
 }
 // The block's 32 products summed in pairs, 16 lanes of float32.
 inline vec dot_block(i16_block a, i16_block b) { return _mm512_cvtepi32_ps(_mm512_madd_epi16(a.v, b.v)); }
+// int32 lanes for int4 x int16 sums (a group's products summed in integers, then one conversion).
+using ivec = __m512i;
+inline ivec izero() { return _mm512_setzero_si512(); }
+inline ivec idot_add(i16_block a, i16_block b, ivec acc) { return _mm512_add_epi32(acc, _mm512_madd_epi16(a.v, b.v)); }
+inline vec to_float(ivec v) { return _mm512_cvtepi32_ps(v); }
+// 32 channels of packed int4 (16 bytes, tp/int4.py's order) as int16, in channel order.
+inline i16_block nibble_block(const uint8_t* p) {
+  const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i lo = _mm256_and_si256(b, _mm256_set1_epi16(15)), hi = _mm256_srli_epi16(b, 4);
+  return {_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)};
+}
 // kWidth bytes of packed int4 weights (tp/int4.py's order): their low nibbles and their high ones as floats.
 inline void nibbles(const uint8_t* p, vec& lo, vec& hi) {
   const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -115,6 +126,16 @@ inline i16_block widen_block(const int8_t* p) {
 // The block's 32 products summed in fours, 8 lanes of float32.
 inline vec dot_block(i16_block a, i16_block b) {
   return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(a.lo, b.lo), _mm256_madd_epi16(a.hi, b.hi)));
+}
+using ivec = __m256i;
+inline ivec izero() { return _mm256_setzero_si256(); }
+inline ivec idot_add(i16_block a, i16_block b, ivec acc) {
+  return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(a.lo, b.lo), _mm256_madd_epi16(a.hi, b.hi)));
+}
+inline vec to_float(ivec v) { return _mm256_cvtepi32_ps(v); }
+inline i16_block nibble_block(const uint8_t* p) {
+  const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return {_mm256_and_si256(b, _mm256_set1_epi16(15)), _mm256_srli_epi16(b, 4)};
 }
 inline void nibbles(const uint8_t* p, vec& lo, vec& hi) {
   const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
