@@ -239,6 +239,7 @@ def cut(opts: CutOptions) -> Path:
             "quantize_lm_head": quant is not None and quantize_lm_head,
             "quantize_embedding": quant is not None and opts.quantize_embedding,
             "group_size": opts.group_size if quant == "int4" else None,
+            "act_order": published and reader.act_order,
             "source": {"path": str(src.resolve()), "format": reader.format, "files": reader.file_bytes()},
             "tensors": {n: entry for name in names
                         for n, entry in _manifest_entries(name, shapes[name], reader.dtype(name), kept_dtype(name),

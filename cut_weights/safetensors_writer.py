@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-DTYPE_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8", torch.uint8: "U8"}
+DTYPE_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8", torch.uint8: "U8",
+               torch.int64: "I64"}
 
 
 def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:

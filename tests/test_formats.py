@@ -13,7 +13,7 @@ from conftest import PROMPTS
 from cut_weights import CutError, CutOptions, cut
 from tp import int4
 from tp.checkpoint import CheckpointError, CheckpointReader
-from tp.formats import detect
+from tp.formats import detect, open_checkpoint
 from tp.load import load_model
 from tp.quant import is_quantized
 from tp.tiny import write_tiny_checkpoint
@@ -63,17 +63,27 @@ def test_packers_on_hand_computed_words():
     assert _word(awq_pack(torch.full((1, 8), 15))) == 0xFFFFFFFF  # a negative int32, as the writers store it
 
 
-def _quantized_linears(state: dict[str, torch.Tensor], group: int):
-    """{prefix: (q [out, in], zero [out, in/g] in 1..15, scale float16 [out, in/g])} for every linear
-    weight: our rounding, zeros kept off 0 (GPTQ v1 cannot store a zero of 0: `zeros -= 1` wraps)."""
+def shuffled_groups(k: int, group: int) -> torch.Tensor:
+    """An act-order g_idx: every group `group` channels, scattered (one per input size, as GPTQ gives
+    layers that read the same input the same one)."""
+    return torch.randperm(k, generator=torch.Generator().manual_seed(k)) // group
+
+
+def _quantized_linears(state: dict[str, torch.Tensor], group: int, g_idx: str):
+    """{prefix: (q [out, in], zero [out, groups] in 1..15, scale float16 [out, groups], group of each
+    input channel)} for every linear weight: our rounding over each group's channels, zeros kept off 0
+    (GPTQ v1 cannot store a zero of 0: `zeros -= 1` wraps)."""
     out = {}
     for name, w in state.items():
         if not is_quantized(name, "int4", lm_head=False, embedding=False):
             continue
-        packed, scale, zero = int4.quantize_groups(w, group)
-        zero = zero.clamp(min=1)
-        q = int4.unpack(packed).long()
-        out[name.removesuffix(".weight")] = (q, zero.long(), scale)
+        k = w.shape[1]
+        groups = torch.arange(k) // group if g_idx == "ordered" else shuffled_groups(k, group)
+        order = torch.sort(groups, stable=True).indices  # each group's channels together
+        packed, scale, zero = int4.quantize_groups(w[:, order], group)
+        q = torch.empty(w.shape, dtype=torch.long)
+        q[:, order] = int4.unpack(packed).long()
+        out[name.removesuffix(".weight")] = (q, zero.clamp(min=1).long(), scale, groups)
     return out
 
 
@@ -84,16 +94,14 @@ def write_published(src, dst, method: str, group: int = 32, fmt: str = "safetens
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.bin", "*.json", "*.safetensors"))
     with CheckpointReader(src) as r:
         state = {n: r.read(n) for n in r.names()}
-    linears = _quantized_linears(state, group)
+    linears = _quantized_linears(state, group, g_idx)
     tensors, expected = {}, {}
     for name, t in state.items():
         prefix = name.removesuffix(".weight")
         if prefix not in linears:
             tensors[name] = t.to(torch.float16)
             continue
-        q, zero, scale = linears[prefix]
-        rows_in = q.shape[1]
-        group_of = (torch.arange(rows_in) // group)
+        q, zero, scale, group_of = linears[prefix]
         if method == "awq":
             tensors[prefix + ".qweight"] = awq_pack(q.t())
             tensors[prefix + ".qzeros"] = awq_pack(zero.t())
@@ -104,10 +112,10 @@ def write_published(src, dst, method: str, group: int = 32, fmt: str = "safetens
             tensors[prefix + ".qweight"] = gptq_pack_rows(q.t())
             tensors[prefix + ".qzeros"] = gptq_pack_cols(zero.t() - 1)  # v1: zeros minus one
             tensors[prefix + ".scales"] = scale.t().contiguous()
-            idx = group_of if g_idx == "ordered" else torch.randperm(rows_in, generator=torch.Generator().manual_seed(1)) // group
-            tensors[prefix + ".g_idx"] = idx.to(torch.int32)
-            # AutoGPTQ's: scales[g_idx] * (q - (qzeros + 1)[g_idx])
-            expected[prefix] = ((q - zero[:, group_of]).float() * scale.float()[:, group_of])
+            tensors[prefix + ".g_idx"] = group_of.to(torch.int32)
+            # AutoGPTQ's: scales[g_idx] * (q - (qzeros + 1)[g_idx]); our columns in the sorted order
+            w = (q - zero[:, group_of]).float() * scale.float()[:, group_of]
+            expected[prefix] = w[:, torch.sort(group_of, stable=True).indices]
     if fmt == "safetensors":
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(dst / "model.safetensors"))
     else:
@@ -133,11 +141,12 @@ def float_ckpt(tmp_path_factory):
                                  num_attention_heads=16)
 
 
-@pytest.fixture(scope="module", params=[("awq", "safetensors"), ("gptq", "safetensors"), ("gptq", "bin")],
-                ids=["awq", "gptq", "gptq-bin"])
+@pytest.fixture(scope="module", params=[("awq", "safetensors", "ordered"), ("gptq", "safetensors", "ordered"),
+                                        ("gptq", "bin", "ordered"), ("gptq", "safetensors", "shuffled")],
+                ids=["awq", "gptq", "gptq-bin", "gptq-act-order"])
 def published(request, float_ckpt, tmp_path_factory):
-    method, fmt = request.param
-    return write_published(float_ckpt, tmp_path_factory.mktemp(method) / "ckpt", method, fmt=fmt)
+    method, fmt, g_idx = request.param
+    return write_published(float_ckpt, tmp_path_factory.mktemp(method) / "ckpt", method, fmt=fmt, g_idx=g_idx)
 
 
 def _dequantized(model, prefix_param: str) -> torch.Tensor:
@@ -203,7 +212,11 @@ def test_awq_variants_and_act_order_are_refused_by_name(float_ckpt, tmp_path):
         with pytest.raises(CheckpointError, match=message):
             load_model(path, 0, 1)
     path, _ = write_published(float_ckpt, tmp_path / "act", "gptq", g_idx="shuffled")
-    with pytest.raises(CheckpointError, match="act-order"):
+    assert "model.layers.0.mlp.down_proj.weight_input_perm" in open_checkpoint(path).names()  # ours, act-order
+    raw = __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(path / "model.safetensors"))
+    raw["model.layers.0.mlp.down_proj.g_idx"][:64] = 0  # group 0 now has more than 32 channels
+    save_file(raw, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="g_idx does not give every group 32 input channels"):
         load_model(path, 0, 1)
 
 

@@ -107,14 +107,31 @@ def awq_to_ours(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tenso
     return int4.pack(q.t()), scales.t().to(torch.float16).contiguous(), z.t().to(torch.uint8).contiguous()
 
 
+def act_order(g_idx: torch.Tensor | None, group_size: int, name: str) -> torch.Tensor | None:
+    """The input permutation that makes a GPTQ act-order weight's groups contiguous (input channels
+    sorted by group, stably), or None where g_idx is already in order."""
+    if g_idx is None:
+        return None
+    g = g_idx.long()
+    if torch.equal(g, torch.arange(g.numel()) // group_size):
+        return None
+    counts = torch.bincount(g, minlength=g.numel() // group_size)
+    if counts.numel() * group_size != g.numel() or not bool((counts == group_size).all()):
+        raise CheckpointError(f"{name}: g_idx does not give every group {group_size} input channels")
+    return torch.sort(g, stable=True).indices
+
+
 def gptq_to_ours(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,
                  zero_offset: int, group_size: int, name: str):
+    """(packed, scale, zero, perm): perm (act-order) lists the input channel of each packed column,
+    None where they are in order."""
     rows_in = qweight.shape[0] * 8
-    if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(rows_in) // group_size):
-        raise CheckpointError(f"{name}: GPTQ act-order (desc_act, a g_idx out of order) is not supported yet")
+    perm = act_order(g_idx, group_size, name)
     q = _nibbles(qweight).permute(0, 2, 1).reshape(rows_in, -1)  # [in, out]
+    if perm is not None:
+        q = q[perm]  # column j of ours is input channel perm[j]: group j // group_size
     z = _nibbles(qzeros).reshape(qzeros.shape[0], -1) + zero_offset  # [in / g, out]
-    return int4.pack(q.t()), scales.t().to(torch.float16).contiguous(), z.t().to(torch.uint8).contiguous()
+    return int4.pack(q.t()), scales.t().to(torch.float16).contiguous(), z.t().to(torch.uint8).contiguous(), perm
 
 
 class PublishedInt4Reader(CheckpointReader):
@@ -130,16 +147,21 @@ class PublishedInt4Reader(CheckpointReader):
             missing = [p for p in _PARTS[fmt.method] if f"{prefix}.{p}" not in raw and p != "g_idx"]
             if missing:
                 raise CheckpointError(f"{self.root}: {prefix} lacks {', '.join(missing)} ({fmt.method})")
-        self._virtual: dict[str, tuple[str, int]] = {}  # our name -> (prefix, which of the 3)
+        self._virtual: dict[str, tuple[str, int]] = {}  # our name -> (prefix, which of the 3 or 4)
+        # GPTQ act-order: any weight whose g_idx is out of order makes every weight carry an input
+        # permutation (P.weight_input_perm), applied to the activations (tp/layers.py)
+        self.act_order = fmt.method == "gptq" and any(
+            act_order(super(PublishedInt4Reader, self).read(f"{p}.g_idx"), fmt.group_size, p) is not None
+            for p in self._prefixes if f"{p}.g_idx" in raw)
         for prefix in self._prefixes:
-            for i, name in enumerate(self._ours(prefix)):
+            for i, name in enumerate(self._ours(prefix)[: 4 if self.act_order else 3]):
                 self._virtual[name] = (prefix, i)
         self._cached: tuple[str, tuple[torch.Tensor, ...]] | None = None
 
     @staticmethod
-    def _ours(prefix: str) -> tuple[str, str, str]:
+    def _ours(prefix: str) -> tuple[str, str, str, str]:
         w = prefix + ".weight"
-        return w, int4.group_scale_name(w), int4.group_zero_name(w)
+        return w, int4.group_scale_name(w), int4.group_zero_name(w), int4.input_perm_name(w)
 
     def is_int4_tensor(self, name: str) -> bool:
         """Whether `name` is one of the int4 tensors this reader converts (P.weight and its groups')."""
@@ -157,10 +179,12 @@ class PublishedInt4Reader(CheckpointReader):
                      if f"{prefix}.{p}" in self._where}
             fmt = self.int4_format
             if fmt.method == "awq":
-                ours = awq_to_ours(parts["qweight"], parts["qzeros"], parts["scales"])
+                ours = (*awq_to_ours(parts["qweight"], parts["qzeros"], parts["scales"]), None)
             else:
                 ours = gptq_to_ours(parts["qweight"], parts["qzeros"], parts["scales"], parts.get("g_idx"),
                                     fmt.zero_offset, fmt.group_size, prefix)
+            if self.act_order:  # every weight carries its permutation (the identity where in order)
+                ours = (*ours[:3], torch.arange(ours[0].shape[1] * 2) if ours[3] is None else ours[3])
             if ours[1].shape[1] * fmt.group_size != ours[0].shape[1] * 2:
                 raise CheckpointError(f"{self.root}: {prefix}: scales for {ours[1].shape[1]} groups of "
                                       f"{fmt.group_size} do not cover its {ours[0].shape[1] * 2} input channels")
@@ -175,6 +199,8 @@ class PublishedInt4Reader(CheckpointReader):
         scales, _ = super()._meta_of(f"{prefix}.scales")
         out = scales[1]
         k = words[0] * (8 if self.int4_format.method == "gptq" else 1)
+        if i == 3:
+            return (k,), torch.int64
         return ((out, k // 2), torch.uint8) if i == 0 else ((out, k // self.int4_format.group_size),
                                                             torch.float16 if i == 1 else torch.uint8)
 

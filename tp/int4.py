@@ -35,6 +35,11 @@ def group_zero_name(name: str) -> str:
     return name + "_group_zero"
 
 
+def input_perm_name(name: str) -> str:
+    """GPTQ act-order: the input channel of each column of the packed weight (tp/formats.py)."""
+    return name + "_input_perm"
+
+
 def check_group(k: int, group_size: int, where: str = "") -> None:
     if group_size < BLOCK or group_size % BLOCK:
         raise ValueError(f"group_size={group_size}: int4 groups are a multiple of {BLOCK} input channels")

@@ -44,6 +44,8 @@ class _Weight(nn.Module):
             self.weight_group_scale = _empty(rows, groups, dtype=torch.float16, device=device)
             self.weight_group_zero = _empty(rows, groups, dtype=torch.uint8, device=device)
             self._int4_terms: tuple[torch.Tensor, torch.Tensor] | None = None
+            if self.format.act_order:  # x[..., perm] meets the packed columns (tp/formats.py)
+                self.weight_input_perm = _empty(cols, dtype=torch.int64, device=device)
             return
         self.weight = _empty(rows, cols, dtype=torch.int8 if self.quantized else dtype, device=device)
         if self.quantized:
@@ -98,6 +100,8 @@ class ColumnParallelLinear(_Weight):
         self.bias = _empty(out_features // world_size, dtype=dtype, device=device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.format.act_order:
+            x = x.index_select(-1, self.weight_input_perm)
         return self.matmul(x, self.bias)
 
 
@@ -114,6 +118,8 @@ class RowParallelLinear(_Weight):
         self.bias = _empty(out_features, dtype=dtype, device=device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.format.act_order:  # this rank's whole groups of the sorted inputs: from every rank's shard
+            x = (comm.current().all_gather(x) if self.world_size > 1 else x).index_select(-1, self.weight_input_perm)
         y = self.matmul(x)  # int8: each rank's partial sum is already scaled (scales are per output)
         if self.world_size > 1:
             comm.current().all_reduce(y)

@@ -88,6 +88,12 @@ def targets(name: str, cfg: ModelConfig, rank: int, world_size: int) -> list[Tar
     hd, n = cfg.head_dim, world_size
     q_rows, kv_rows = cfg.num_attention_heads // n * hd, cfg.local_kv_heads(n) * hd
     name = canonical(name)
+    if name.endswith("_input_perm"):  # one per fused parameter: its members' must agree (tp.load.fill)
+        fused = WQKV.sub(".self_attn.qkv_proj.", name)
+        match = _PROJ.search(fused)
+        if match:
+            fused = fused[: match.start(1)] + _FUSED[match.group(1)] + fused[match.end(1):]
+        return [Target(fused, 0, None)]
     if WQKV.search(name):
         return _unpacked_wqkv(name, cfg, rank, world_size, q_rows, kv_rows)
     match = _PROJ.search(name)

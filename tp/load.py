@@ -25,11 +25,12 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def expected_names(cfg: ModelConfig, quantize: str = "none", quantize_lm_head: bool = True,
-                   quantize_embedding: bool = True) -> list[str]:
+                   quantize_embedding: bool = True, act_order: bool = False) -> list[str]:
     """Every tensor a checkpoint of this layout and shape must hold; each quantized weight is followed
     by its `_scale` (int8) or its `_group_scale` and `_group_zero` (int4)."""
     return [m for n in source_names(cfg)
-            for m in (stored_names(n, quantize) if is_quantized(n, quantize, quantize_lm_head, quantize_embedding) else [n])]
+            for m in (stored_names(n, quantize, act_order) if is_quantized(n, quantize, quantize_lm_head, quantize_embedding)
+                      else [n])]
 
 
 def check_source_names(cfg: ModelConfig, present: set[str], where: str, error: type[Exception]) -> None:
@@ -69,10 +70,16 @@ def resolve_dtype(requested: str, source: torch.dtype, device: torch.device) -> 
 def fill(model: InternLM, local_tensor: Callable[[str], torch.Tensor], names: list[str]) -> None:
     """Copy every source tensor's rank-local slice into its (possibly fused, or unpacked) parameter."""
     params = dict(model.named_parameters())
+    permutations: dict[str, str] = {}  # a fused parameter's input permutation -> the tensor that gave it
     for name in names:
         tensor = local_tensor(name)
         for target in targets(name, model.cfg, model.rank, model.world_size):
             param = params[target.parameter]
+            if target.parameter.endswith("_input_perm"):
+                if target.parameter in permutations and not torch.equal(param.data, tensor):
+                    raise CheckpointError(f"{name}: act-order permutation differs from {permutations[target.parameter]}'s, "
+                                          "with which it shares one fused layer (q/k/v or gate/up)")
+                permutations[target.parameter] = name
             part = tensor if target.pick is None else target.pick(tensor)
             rows = param.shape[0] if target.rows is None else target.rows
             expected = (rows, *param.shape[1:])
@@ -119,12 +126,13 @@ def load_model(path: str | Path, rank: int = 0, world_size: int = 1, device: tor
     graphs: auto | off, whether the decode step is replayed from a captured graph (tp.graphs)."""
     device = torch.device(device)
     cut = is_cut(path)
-    manifest = None
+    manifest, act_order = None, False
     if cut:
         directory, manifest = open_partition(path, rank, world_size)
         quantize_lm_head = bool(manifest.get("quantize_lm_head", True))
         quantize_embedding = bool(manifest.get("quantize_embedding", True))
         group_size = int(manifest.get("group_size") or group_size)
+        act_order = bool(manifest.get("act_order", False))
     else:
         directory = Path(path)
     if cut:
@@ -141,7 +149,7 @@ def load_model(path: str | Path, rank: int = 0, world_size: int = 1, device: tor
             raise CheckpointError(f"{directory} is {source.int4_format.method.upper()} 4-bit: launch with "
                                   f"model.quantize=auto (or int4), not {quantize}")
         quantize, quantize_lm_head, quantize_embedding = "int4", False, False
-        group_size = source.int4_format.group_size
+        group_size, act_order = source.int4_format.group_size, source.act_order
     elif not cut:
         quantize = resolve_quantize(quantize, None)
     quantize_lm_head = lm_head_quantized(cfg.tie_word_embeddings, quantize_lm_head, quantize_embedding)
@@ -162,7 +170,7 @@ def load_model(path: str | Path, rank: int = 0, world_size: int = 1, device: tor
             return q
         return read_shard(source, name, rank, world_size, padded, kv)
 
-    expected = expected_names(cfg, quantize, quantize_lm_head, quantize_embedding)
+    expected = expected_names(cfg, quantize, quantize_lm_head, quantize_embedding, act_order)
     present = set(source.names())
     if cut:
         missing = [n for n in expected if n not in present]
@@ -179,7 +187,7 @@ def load_model(path: str | Path, rank: int = 0, world_size: int = 1, device: tor
                 raise CheckpointError(f"{directory}: int4: {e}") from None
     model = InternLM(cfg, rank, world_size, resolve_dtype(dtype, source.dtype("model.norm.weight"), device), device,
                      quantize=quantize, quantize_lm_head=quantize_lm_head, quantize_embedding=quantize_embedding,
-                     group_size=group_size)
+                     group_size=group_size, act_order=act_order)
     if device.type == "cpu":  # before fill writes them: the pages are chosen at first touch
         advised = hugepages.advise(model.parameters())
     fill(model, local, expected)

@@ -275,19 +275,22 @@ class InternLM(nn.Module):
 
     def __init__(self, cfg: ModelConfig, rank: int = 0, world_size: int = 1,
                  dtype: torch.dtype = torch.float32, device=None, quantize: str = "none",
-                 quantize_lm_head: bool = True, quantize_embedding: bool = True, group_size: int = 128):
+                 quantize_lm_head: bool = True, quantize_embedding: bool = True, group_size: int = 128,
+                 act_order: bool = False):
         super().__init__()
         cfg.check_divisible(world_size)
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         quantized = quantize in ("int8", "int4")
-        fmt = WeightFormat(quantize, group_size if quantize == "int4" else 0) if quantized else WeightFormat()
+        fmt = WeightFormat(quantize, group_size, act_order) if quantize == "int4" else WeightFormat(quantize) if quantized \
+            else WeightFormat()
+        embedding_fmt = WeightFormat(quantize, group_size) if quantize == "int4" else fmt  # looked up, never permuted
         self.quantize, self.quantize_embedding = quantize, quantized and quantize_embedding
         self.group_size = fmt.group_size
         self.quantize_lm_head = quantized and lm_head_quantized(cfg.tie_word_embeddings, quantize_lm_head, quantize_embedding)
         self.model = Backbone(cfg, rank, world_size, dtype, device, fmt,
-                              fmt if self.quantize_embedding else WeightFormat())
-        self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.padded_vocab_size(world_size), cfg.vocab_size,
-                                      world_size, dtype, device, quantized=fmt if self.quantize_lm_head else WeightFormat())
+                              embedding_fmt if self.quantize_embedding else WeightFormat())
+        self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.padded_vocab_size(world_size), cfg.vocab_size, world_size,
+                                      dtype, device, quantized=embedding_fmt if self.quantize_lm_head else WeightFormat())
         if cfg.tie_word_embeddings:
             embed = self.model.embed_tokens
             self.lm_head.weight, self.lm_head.weight_scale = embed.weight, embed.weight_scale

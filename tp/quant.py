@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from tp import triton_int8
-from tp.int4 import group_scale_name, group_zero_name
+from tp.int4 import group_scale_name, group_zero_name, input_perm_name
 from tp.routing import int8_route
 
 log = logging.getLogger("internlm_tp")
@@ -38,6 +38,7 @@ class WeightFormat:
     "int4" (tp/int4.py, groups of group_size input channels). False when float."""
     kind: str = "float"
     group_size: int = 0
+    act_order: bool = False  # int4 from GPTQ act-order: an input permutation per weight
 
     def __bool__(self) -> bool:
         return self.kind != "float"
@@ -49,10 +50,11 @@ class WeightFormat:
         return WeightFormat("int8") if value else WeightFormat()
 
 
-def stored_names(name: str, quantize: str) -> list[str]:
-    """The tensors a quantized source weight `name` is stored as under `quantize` (int8 or int4)."""
+def stored_names(name: str, quantize: str, act_order: bool = False) -> list[str]:
+    """The tensors a quantized source weight `name` is stored as under `quantize` (int8 or int4; int4
+    from a GPTQ act-order checkpoint also carries its input permutation)."""
     if quantize == "int4":
-        return [name, group_scale_name(name), group_zero_name(name)]
+        return [name, group_scale_name(name), group_zero_name(name)] + ([input_perm_name(name)] if act_order else [])
     return [name, scale_name(name)]
 
 

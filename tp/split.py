@@ -22,6 +22,7 @@ COLUMN = Split("column", 0)       # output features split: q, gate, up
 # kv heads, else each rank keeps its query heads' kv group (N a multiple of them: replicated).
 KV = Split("kv", 0)
 ROW = Split("row", 1)             # input features split: o_proj, down_proj; outputs all-reduced
+ROW_INPUTS = Split("row", 0)      # a row-parallel weight's 1-D list over its input features (act-order)
 VOCAB = Split("vocab", 0)         # vocabulary rows split, padded with zero rows to a multiple of N
 REPLICATED = Split("replicated", None)
 
@@ -49,6 +50,12 @@ SPLIT_TABLE: tuple[tuple[re.Pattern, Split], ...] = tuple((re.compile(p), s) for
     (r"^model\.layers\.\d+\.(attention_norm|ffn_norm)\.weight$", REPLICATED),
     (r"^model\.tok_embeddings\.(weight|weight_scale|weight_group_scale|weight_group_zero)$", VOCAB),
     (r"^output\.(weight|weight_scale|weight_group_scale|weight_group_zero)$", VOCAB),
+    # GPTQ act-order input permutations (tp/formats.py): whole for layers that see the whole input,
+    # cut with the input features of row-parallel ones (by whole groups, as their weights)
+    (r"^model\.layers\.\d+\.(self_attn\.[qkv]_proj|mlp\.(gate|up)_proj|attention\.wqkv|feed_forward\.w[13])"
+     r"\.weight_input_perm$", REPLICATED),
+    (r"^model\.layers\.\d+\.(self_attn\.o_proj|mlp\.down_proj|attention\.wo|feed_forward\.w2)\.weight_input_perm$",
+     ROW_INPUTS),
     # Per-output-channel int8 scales (tp/quant.py) follow their weight's rows (above); a row-parallel
     # weight keeps all its rows on every rank, so its scales are whole.
     (r"^model\.layers\.\d+\.(self_attn\.o_proj|mlp\.down_proj|attention\.wo|feed_forward\.w2)\.weight_scale$",

@@ -304,6 +304,19 @@ const float* widen(const at::Tensor& x, std::vector<float>& buffer) {
 // the inner loop is the nibbles' products only. Groups are whole blocks of 32 channels (16 bytes).
 constexpr int kInt4XRows = kWidth == 8 ? 1 : 2;  // rows of x per pass: AVX2's 16 registers hold one
 
+// out[r][m] = the lanes of acc[r][m] summed, plus the zero terms: sum_g offset[n_r, g] * xsum[m, g].
+template <int R, int MX>
+void int4_finish(vec (*acc)[MX], const float* offset, const float* xsum, int64_t groups, int64_t n, int64_t stride,
+                 float (*out)[MX]) {
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MX; ++m) {
+      float s = sum(acc[r][m]);
+      const float* o = offset + (n + r * stride) * groups;
+      for (int64_t g = 0; g < groups; ++g) s += o[g] * xsum[m * groups + g];
+      out[r][m] = s;
+    }
+}
+
 template <int R, int MX>
 void dot_rows_int4(const float* x, const float* xsum, const uint8_t* w, const float* scale, const float* offset,
                    int64_t K, int64_t groups, int64_t n, int64_t stride, float (*out)[MX]) {
@@ -336,20 +349,14 @@ void dot_rows_int4(const float* x, const float* xsum, const uint8_t* w, const fl
       for (int m = 0; m < MX; ++m) acc[r][m] = fma(part[r][m], s, acc[r][m]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MX; ++m) {
-      float s = sum(acc[r][m]);
-      const float* o = offset + (n + r * stride) * groups;
-      for (int64_t g = 0; g < groups; ++g) s += o[g] * xsum[m * groups + g];
-      out[r][m] = s;
-    }
+  int4_finish<R, MX>(acc, offset, xsum, groups, n, stride, out);
 }
 
 // bfloat16 activations (8 significant bits): x as int16 per group with a power-of-two scale (BlockedX,
 // as the int8 path, whose bounds hold here), the nibbles widened to int16 and the group's products
 // summed in integers (vpmaddwd), one conversion a group: 32 weights in ~5 vector instructions where
-// the float path above takes ~9 (measured on an AMD EPYC, 827M model: 27 ms a token either way for
-// int8 and float int4; see bench/decode.py for this path). Each int32 lane sums at most 16 products
+// the float path above takes ~9 (827M model, AMD EPYC, 2 threads: 13.6-17 ms a token against 27 through
+// the float path, which is bound by arithmetic; bench/decode.py). Each int32 lane sums at most 16 products
 // of 15 * 32767 for groups up to 128: under 2^24, so the conversion is exact there.
 template <int R, int MX>
 void dot_rows_int4_blocked(const BlockedX& bx, int64_t m0, const float* xsum, const uint8_t* w, const float* scale,
@@ -378,13 +385,7 @@ void dot_rows_int4_blocked(const BlockedX& bx, int64_t m0, const float* xsum, co
         acc[r][m] = fma(to_float(part[r][m]), broadcast(s * bx.scale[(m0 + m) * groups + g]), acc[r][m]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MX; ++m) {
-      float s = sum(acc[r][m]);
-      const float* o = offset + (n + r * stride) * groups;
-      for (int64_t g = 0; g < groups; ++g) s += o[g] * xsum[(m0 + m) * groups + g];
-      out[r][m] = s;
-    }
+  int4_finish<R, MX>(acc, offset, xsum + m0 * groups, groups, n, stride, out);
 }
 
 template <typename Out>
