@@ -388,11 +388,65 @@ void dot_rows_int4_blocked(const BlockedX& bx, int64_t m0, const float* xsum, co
   int4_finish<R, MX>(acc, offset, xsum + m0 * groups, groups, n, stride, out);
 }
 
+#if defined(__AVX512F__)
+// AVX-512, groups of a multiple of 64: two blocks' 32 bytes widened at once, 32 int16 lanes whose low
+// nibbles are channels 0-15 and 32-47 of the 64 and whose high ones 16-31 and 48-63; x's int16 groups
+// are put in that order once per call (wide_order), so no lane moves between registers.
+constexpr int64_t kWide = 64;
+
+void wide_order(std::vector<int16_t>& q) {  // per 64: [0-15, 32-47, 16-31, 48-63]
+  int16_t t[kWide];
+  for (size_t i = 0; i + kWide <= q.size(); i += kWide) {
+    std::memcpy(t, q.data() + i, sizeof t);
+    std::memcpy(q.data() + i + 16, t + 32, 16 * sizeof(int16_t));
+    std::memcpy(q.data() + i + 32, t + 16, 16 * sizeof(int16_t));
+  }
+}
+
+template <int R, int MX>
+void dot_rows_int4_wide(const BlockedX& bx, int64_t m0, const float* xsum, const uint8_t* w, const float* scale,
+                             const float* offset, int64_t K, int64_t groups, int64_t n, int64_t stride, float (*out)[MX]) {
+  const int64_t group = K / groups;
+  const uint8_t* row[R];
+  for (int r = 0; r < R; ++r) row[r] = w + (n + r * stride) * (K / 2);
+  const __m512i low = _mm512_set1_epi16(15);
+  vec acc[R][MX];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MX; ++m) acc[r][m] = zero();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i part[R][MX];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MX; ++m) part[r][m] = _mm512_setzero_si512();
+    for (int64_t k = g * group; k < (g + 1) * group; k += kWide) {
+      __m512i xl[MX], xh[MX];
+      for (int m = 0; m < MX; ++m) {
+        xl[m] = _mm512_loadu_si512(bx.q.data() + (m0 + m) * K + k);
+        xh[m] = _mm512_loadu_si512(bx.q.data() + (m0 + m) * K + k + 32);
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[r] + k / 2)));
+        const __m512i lo = _mm512_and_si512(b, low), hi = _mm512_srli_epi16(b, 4);
+        for (int m = 0; m < MX; ++m)
+          part[r][m] = _mm512_add_epi32(part[r][m], _mm512_add_epi32(_mm512_madd_epi16(xl[m], lo), _mm512_madd_epi16(xh[m], hi)));
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const float s = scale[(n + r * stride) * groups + g];
+      for (int m = 0; m < MX; ++m)
+        acc[r][m] = fma(_mm512_cvtepi32_ps(part[r][m]), broadcast(s * bx.scale[(m0 + m) * groups + g]), acc[r][m]);
+    }
+  }
+  int4_finish<R, MX>(acc, offset, xsum + m0 * groups, groups, n, stride, out);
+}
+
+#endif
+
 template <typename Out>
 struct Gemv4 {
   const float* x;
   const float* xsum;  // [M, groups]
   const BlockedX* blocked;  // bfloat16 x: its int16 groups; nullptr: the float path
+  bool wide;                // blocked in wide_order (AVX-512, groups of a multiple of 64)
   const uint8_t* w;
   const float *scale, *offset;
   const Out* bias;
@@ -402,6 +456,10 @@ struct Gemv4 {
   template <int R, int MX>
   void run(int64_t m, int64_t n, int64_t stride) const {
     float out[R][MX];
+#if defined(__AVX512F__)
+    if (blocked && wide) dot_rows_int4_wide<R, MX>(*blocked, m, xsum, w, scale, offset, K, groups, n, stride, out);
+    else
+#endif
     if (blocked) dot_rows_int4_blocked<R, MX>(*blocked, m, xsum, w, scale, offset, K, groups, n, stride, out);
     else dot_rows_int4<R, MX>(x + m * K, xsum + m * groups, w, scale, offset, K, groups, n, stride, out);
     for (int r = 0; r < R; ++r)
@@ -460,13 +518,17 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const float *sp = scale.data_ptr<float>(), *op = offset.data_ptr<float>();
   BlockedX bx;
-  if (x.scalar_type() == at::kBFloat16) bx = block_quantize(xp, M, K, group);
   const BlockedX* blocked = x.scalar_type() == at::kBFloat16 ? &bx : nullptr;
+  const bool wide = blocked && kWidth == 16 && group % 64 == 0;
+  if (blocked) bx = block_quantize(xp, M, K, group);
+#if defined(__AVX512F__)
+  if (wide) wide_order(bx.q);
+#endif
   if (y.scalar_type() == at::kFloat) {
-    Gemv4<float>{xp, xsum.data(), blocked, wp, sp, op, b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K, groups}();
+    Gemv4<float>{xp, xsum.data(), blocked, wide, wp, sp, op, b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K, groups}();
   } else {
     using B = c10::BFloat16;
-    Gemv4<B>{xp, xsum.data(), blocked, wp, sp, op, b.defined() ? b.data_ptr<B>() : nullptr, y.data_ptr<B>(), M, N, K, groups}();
+    Gemv4<B>{xp, xsum.data(), blocked, wide, wp, sp, op, b.defined() ? b.data_ptr<B>() : nullptr, y.data_ptr<B>(), M, N, K, groups}();
   }
   return y;
 }
