@@ -46,13 +46,16 @@ VARIANTS = {  # label: (activation dtype, weights)
 }
 
 
-SMOL_VARIANTS = {  # label: (activation dtype, weights, group size)
-    "float32": ("float32", "none", 0),
-    "bfloat16": ("bfloat16", "none", 0),
-    "int8 (bf16 activations)": ("bfloat16", "int8", 0),
-    "int4 g64 (bf16 activations)": ("bfloat16", "int4", 64),
-    "int4 g32 (bf16 activations)": ("bfloat16", "int4", 32),
-    "int4 g32 (fp32 activations)": ("float32", "int4", 32),
+SMOL_VARIANTS = {  # label: (activation dtype, weights, group size, embedding and LM head quantized too)
+    "float32": ("float32", "none", 0, False),
+    "bfloat16": ("bfloat16", "none", 0, False),
+    "int8 (bf16 activations)": ("bfloat16", "int8", 0, True),
+    "int8, float embedding/head": ("bfloat16", "int8", 0, False),
+    "int4 g64 (bf16 activations)": ("bfloat16", "int4", 64, True),
+    "int4 g32 (bf16 activations)": ("bfloat16", "int4", 32, True),
+    "int4 g32 (fp32 activations)": ("float32", "int4", 32, True),
+    "int4 g64, float embedding/head": ("bfloat16", "int4", 64, False),
+    "int4 g32, float embedding/head": ("bfloat16", "int4", 32, False),
 }
 
 
@@ -97,8 +100,9 @@ def smollm2(args) -> None:
         x = torch.tensor([ids[:-1]])
         positions = torch.arange(x.shape[1]).unsqueeze(0)
         logits = {}
-        for label, (dtype, quantize, group) in SMOL_VARIANTS.items():
-            model = load_model(ckpt, dtype=dtype, quantize=quantize, group_size=group or 128)
+        for label, (dtype, quantize, group, table) in SMOL_VARIANTS.items():
+            model = load_model(ckpt, dtype=dtype, quantize=quantize, group_size=group or 128, quantize_embedding=table,
+                               quantize_lm_head=table)
             model.setup_cache(1, x.shape[1])
             with torch.inference_mode():
                 logits[label] = model(x, positions, None, 0, last_only=False)[0].float()
@@ -113,9 +117,11 @@ def smollm2(args) -> None:
             agreement[label] = 100 * (v.argmax(-1) == top).float().mean().item()
             err = (v - ref).abs()
             print(f"{label:30}{agreement[label]:19.2f}%{err.max().item():14.4f}{err.mean().item():15.4f}")
-        for label in ("int4 g64 (bf16 activations)", "int4 g32 (bf16 activations)"):
-            gap = agreement["int8 (bf16 activations)"] - agreement[label]
-            print(f"int8 agreement - {label} agreement = {gap:.2f} points  (bar <= 5)  {'PASS' if gap <= 5 else 'FAIL'}")
+        for label, base in (("int4 g64 (bf16 activations)", "int8 (bf16 activations)"),
+                            ("int4 g32 (bf16 activations)", "int8 (bf16 activations)"),
+                            ("int4 g32, float embedding/head", "int8, float embedding/head")):
+            gap = agreement[base] - agreement[label]
+            print(f"{base} - {label} agreement = {gap:.2f} points  (bar <= 5)  {'PASS' if gap <= 5 else 'FAIL'}")
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
