@@ -191,3 +191,60 @@ def test_int4_partition_bytes_against_float32(int4_ckpt, tmp_path):
     q = cut(CutOptions(str(int4_ckpt), str(tmp_path / "q"), 1, quantize="int4", progress=False))
     size = lambda d: sum(p.stat().st_size for p in d.glob("rank_*/*.safetensors"))  # noqa: E731
     assert size(q) <= 0.16 * size(f32)
+
+
+# ---- int4 off the CPU: the routes and the operands each fused op takes -----------------------------
+from tp.routing import int4_route, npu_soc_has_int4  # noqa: E402
+
+
+def test_int4_routes_follow_each_ops_documented_limits():
+    bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
+    assert int4_route("cuda", bf16, 4096, 4096, 128, 1, (8, 0)) == ("aten_int4pack", "")
+    assert int4_route("cuda", bf16, 4096, 4096, 128, 512, (9, 0)) == ("dequant", ""), "prefill: the float GEMM"
+    assert int4_route("cuda", bf16, 4096, 4096, 128, 1, (7, 5))[1].startswith("_weight_int4pack_mm needs compute")
+    assert "bfloat16" in int4_route("cuda", f16, 4096, 4096, 128, 1, (8, 0))[1]
+    assert "groups of" in int4_route("cuda", bf16, 4096, 4096, 48, 1, (8, 0))[1]
+    assert "K a multiple of 128" in int4_route("cuda", bf16, 4096, 4160, 64, 1, (8, 0))[1]
+    assert int4_route("npu", f16, 4096, 4096, 128, 8, npu_int4=True) == ("npu_weight_quant", "")
+    assert int4_route("npu", bf16, 4096, 4096, 128, 8, npu_int4=False)[0] == "dequant"
+    assert "65535" in int4_route("npu", bf16, 103168 * 2, 4096, 128, 1, npu_int4=True)[1]
+    assert "multiple of 32" in int4_route("npu", bf16, 4096, 4096, 48, 1, npu_int4=True)[1]
+    assert int4_route("npu", f32, 4096, 4096, 128, 1, npu_int4=True)[0] == "dequant"
+    assert int4_route("cpu", bf16, 4096, 4096, 128, 64) == ("dequant", "")
+    assert npu_soc_has_int4("Ascend910B3") and npu_soc_has_int4("Ascend910_9391")
+    assert not npu_soc_has_int4("Ascend910A") and not npu_soc_has_int4("Ascend310P3")
+
+
+def test_aten_int4pack_operands_match_torchs_own_cpu_twin():
+    """CUDA's _weight_int4pack_mm cannot run here; its CPU twin takes the same scales_and_zeros
+    ((q - 8) * scale + zero) with the weight as int32, so the terms are checked through it, and the
+    uint8 byte order (channel 2j high, 2j + 1 low) on hand-computed bytes."""
+    q = torch.tensor([[1, 2, 3, 4] * 8])  # 32 channels
+    pairs, _ = int4.aten_int4pack_operands(int4.pack(q), torch.ones(1, 1), torch.zeros(1, 1))
+    assert pairs.dtype == torch.uint8 and pairs[0, :2].tolist() == [0x12, 0x34]
+    g = torch.Generator().manual_seed(3)
+    packed, scale, zero = int4.quantize_groups(torch.randn(64, 256, generator=g), 64)
+    s, o = int4.kernel_terms(scale, zero)
+    pairs, scales_and_zeros = int4.aten_int4pack_operands(packed, s, o)
+    assert scales_and_zeros.shape == (4, 64, 2)
+    unpacked = torch.stack([pairs >> 4, pairs & 0xF], dim=-1).reshape(64, 256).to(torch.int32)
+    assert torch.equal(unpacked, int4.unpack(packed).to(torch.int32))
+    w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpacked, 1)
+    x = torch.randn(3, 256, generator=g).to(torch.bfloat16)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, 64, scales_and_zeros.to(torch.bfloat16))
+    exact = x.double() @ int4.dequantize(packed, scale, zero).double().t()
+    # weights made in bfloat16 (2^-8 each) and a bfloat16 result (2^-8): within 2^-7 of the sum of |terms|, twice that here
+    bound = 2 ** -6 * (x.double().abs() @ int4.dequantize(packed, scale, zero).double().abs().t())
+    assert ((y.double() - exact).abs() <= bound).all()
+
+
+def test_npu_operands_give_the_dequantized_weight_through_the_documented_formula():
+    """npu_weight_quant_batchmatmul's reference (torch_npu's tests): x @ ((w + offset) * scale), w in
+    [-8, 7] as npu_convert_weight_to_int4pack takes it, scale and offset per group of K rows."""
+    g = torch.Generator().manual_seed(4)
+    packed, scale, zero = int4.quantize_groups(torch.randn(48, 256, generator=g), 128)
+    w, s, o = int4.npu_operands(packed, scale, zero)
+    assert w.shape == (256, 48) and w.dtype == torch.int32 and int(w.min()) >= -8 and int(w.max()) <= 7
+    assert s.shape == o.shape == (2, 48)
+    rows = (w.double() + o.double().repeat_interleave(128, 0)) * s.double().repeat_interleave(128, 0)
+    assert torch.equal(rows.t().float(), int4.dequantize(packed, scale, zero))

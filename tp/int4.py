@@ -136,3 +136,20 @@ def check_shapes(shapes: dict[str, tuple[int, ...]], group_size: int, world_size
         check_group(shape[1], group_size, f"{name}: ")
         if split_of(name).kind == "row":
             check_row_split(shape[1], group_size, world_size, name)
+
+
+def aten_int4pack_operands(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor):
+    """(uint8 [N, K/2], scales_and_zeros float32 [K/g, N, 2]) for torch's _convert_weight_to_int4pack /
+    _weight_int4pack_mm (CUDA): byte j holds channel 2j in its high nibble and 2j + 1 in its low one,
+    and the weight is (q - 8) * scale + zero, so zero = offset + 8 * scale."""
+    q = unpack(packed)
+    pairs = (q[:, ::2] << 4) | q[:, 1::2]
+    return pairs.contiguous(), torch.stack([scale.t(), (offset + 8 * scale).t()], dim=-1).contiguous()
+
+
+def npu_operands(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+    """(int32 [K, N] in [-8, 7], antiquant_scale [K/g, N], antiquant_offset [K/g, N]) for
+    npu_convert_weight_to_int4pack / npu_weight_quant_batchmatmul, whose weight is
+    (w + offset) * scale per group: w = q - 8, offset = 8 - zero."""
+    w = unpack(packed).to(torch.int32) - 8
+    return w.t().contiguous(), scale.float().t().contiguous(), (8 - zero.float()).t().contiguous()

@@ -7,6 +7,8 @@ ParallelLMHead         vocabulary rows split; local logits all-gathered, padding
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,7 +16,34 @@ from torch import nn
 from tp import comm, cpu_kernels, decode_matmul, int4
 from tp.cpu_kernels import MAX_ROWS
 from tp.quant import WeightFormat, dequantized_linear, int8_linear
-from tp.routing import matmul_route
+from tp.routing import INT4_INNER_K_TILES, int4_route, matmul_route, npu_soc_has_int4
+
+
+log = logging.getLogger("internlm_tp")
+_told: set[str] = set()
+
+
+def _device_facts(device: torch.device) -> tuple[tuple[int, int], bool]:
+    """(CUDA compute capability, whether an NPU packs int4) of `device`, for tp.routing.int4_route."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device), False
+    if device.type == "npu":
+        import torch_npu
+        return (0, 0), hasattr(torch_npu, "npu_convert_weight_to_int4pack") and npu_soc_has_int4(
+            torch_npu.npu.get_device_name(device.index or 0))
+    return (0, 0), False
+
+
+def _aten_int4pack(layer, device: torch.device):
+    pairs, scales_and_zeros = int4.aten_int4pack_operands(layer.weight, *layer.int4_terms())
+    packed = torch.ops.aten._convert_weight_to_int4pack(pairs.to(device), INT4_INNER_K_TILES)
+    return packed, scales_and_zeros.to(device=device, dtype=torch.bfloat16)
+
+
+def _npu_int4(layer, device: torch.device, dtype: torch.dtype):
+    import torch_npu
+    w, s, o = int4.npu_operands(layer.weight, layer.weight_group_scale, layer.weight_group_zero)
+    return torch_npu.npu_convert_weight_to_int4pack(w.to(device)), s.to(device, dtype), o.to(device, dtype)
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device | str | None) -> nn.Parameter:
@@ -63,11 +92,31 @@ class _Weight(nn.Module):
         scale, offset = self.int4_terms()
         op = cpu_kernels.op_for("gemv_int4", x, MAX_ROWS)
         if op is not None:
-            y = op(x.reshape(rows, k).contiguous(), self.weight, scale, offset, bias)
+            return op(x.reshape(rows, k).contiguous(), self.weight, scale, offset, bias).view(*lead, self.weight.shape[0])
+        route, why = int4_route(x.device.type, x.dtype, self.weight.shape[0], k, self.format.group_size, rows,
+                                *_device_facts(x.device))
+        x2 = x.reshape(rows, k)
+        if route == "aten_int4pack":
+            packed, scales_and_zeros = self._fused(route, lambda: _aten_int4pack(self, x.device))
+            y = torch.ops.aten._weight_int4pack_mm(x2.contiguous(), packed, self.format.group_size, scales_and_zeros)
+        elif route == "npu_weight_quant":
+            import torch_npu
+            w, s, o = self._fused(route, lambda: _npu_int4(self, x.device, x.dtype))
+            y = torch_npu.npu_weight_quant_batchmatmul(x2, w, s, o, antiquant_group_size=self.format.group_size)
         else:
-            y = int4.int4_linear(x.reshape(rows, k), self.weight, scale, offset, self.prefill_compute)
-            y = y if bias is None else y.add_(bias)
+            if why and why not in _told:
+                _told.add(why)
+                log.info("int4 on %s: %s; dequantizing instead", x.device.type, why)
+            y = int4.int4_linear(x2, self.weight, scale, offset, self.prefill_compute)
+        y = y if bias is None else y.add_(bias)
         return y.view(*lead, self.weight.shape[0])
+
+    def _fused(self, route: str, make):
+        """The device-side operands of a fused int4 route, made once (the packed weight stays as loaded:
+        the CPU kernel and prefill's dequantizing path read it)."""
+        if getattr(self, "_fused_operands", None) is None or self._fused_operands[0] != route:
+            self._fused_operands = (route, make())
+        return self._fused_operands[1]
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.format.kind == "int4":

@@ -9,6 +9,11 @@ for `npu` and `cuda` too, where no such device is present. Each encodes a docume
 - torch.mv on NPU (aclnnMv) takes fp16/fp32 only; on every accelerator F.linear is the GEMV anyway.
 - A device-to-host read (bool(t), t.item(), t.tolist()) waits for every queued kernel: on an
   accelerator the host then cannot queue step n+1 while the device runs step n.
+- int4 (tp/int4.py): on CUDA, torch.ops.aten._weight_int4pack_mm (tinygemm, as gpt-fast uses it):
+  bfloat16 activations, compute capability >= 8.0, weight packed by _convert_weight_to_int4pack with
+  8 inner k-tiles (K a multiple of 128, N of 8), groups of 32, 64, 128 or 256. On the NPU,
+  npu_weight_quant_batchmatmul with int4 weights packed into int32 by npu_convert_weight_to_int4pack
+  (Atlas A2 / A3 only; antiquant_group_size a multiple of 32 below K; K and N <= 65535).
 - Graph capture (torch.cuda.CUDAGraph; torch_npu's torch.npu.NPUGraph, Ascend/pytorch
   docs/zh/developer_notes/npugraph.md): fixed shapes, no host synchronisation, inputs written in
   place (what tp.model.DecodeStep gives); on the NPU only aclnn operators can be captured (our NPU
@@ -58,6 +63,45 @@ def int8_route(device_type: str, x_dtype: torch.dtype, n: int, k: int, rows: int
         return "dequant", f"npu_weight_quant_batchmatmul takes float16/bfloat16 activations, not {x_dtype}"
     if not (1 <= n <= NPU_WEIGHT_QUANT_MAX_DIM and 1 <= k <= NPU_WEIGHT_QUANT_MAX_DIM):
         return "dequant", f"npu_weight_quant_batchmatmul takes n, k in [1, {NPU_WEIGHT_QUANT_MAX_DIM}], not {n} x {k}"
+    return "npu_weight_quant", ""
+
+
+def npu_soc_has_int4(device_name: str) -> bool:
+    """Whether an NPU (torch_npu.npu.get_device_name) is an Atlas A2 (Ascend910B*) or A3 (Ascend910_93*),
+    the products npu_convert_weight_to_int4pack documents; not the 910 (A1) nor the 310P cards."""
+    return device_name.startswith("Ascend910B") or device_name.startswith("Ascend910_93")
+
+
+AT_INT4PACK_GROUPS = (32, 64, 128, 256)
+INT4_INNER_K_TILES = 8
+
+
+def int4_route(device_type: str, x_dtype: torch.dtype, n: int, k: int, group_size: int, rows: int,
+               cuda_capability: tuple[int, int] = (0, 0), npu_int4: bool = False) -> tuple[str, str]:
+    """(route, why not fused) for an int4 weight [n, k] off the CPU's kernel: 'aten_int4pack' (CUDA),
+    'npu_weight_quant' (NPU, `npu_int4`: an Atlas A2/A3 whose torch_npu packs int4), else 'dequant'
+    (blocks of the weight into the float GEMM, which prefill's many rows want anyway)."""
+    if device_type == "cuda":
+        if not 0 < rows <= TRITON_INT8_MAX_ROWS:
+            return "dequant", ""
+        if cuda_capability < (8, 0):
+            return "dequant", f"_weight_int4pack_mm needs compute capability 8.0, this GPU has {cuda_capability}"
+        if x_dtype != torch.bfloat16:
+            return "dequant", f"_weight_int4pack_mm takes bfloat16 activations, not {x_dtype}"
+        if group_size not in AT_INT4PACK_GROUPS or k % (INT4_INNER_K_TILES * 16) or n % 8:
+            return "dequant", (f"_weight_int4pack_mm takes groups of {AT_INT4PACK_GROUPS}, K a multiple of "
+                               f"{INT4_INNER_K_TILES * 16} and N of 8, not {group_size}, {k}, {n}")
+        return "aten_int4pack", ""
+    if device_type != "npu":
+        return "dequant", ""
+    if not npu_int4:
+        return "dequant", "int4 npu_weight_quant_batchmatmul runs on Atlas A2/A3 with npu_convert_weight_to_int4pack"
+    if x_dtype not in NPU_WEIGHT_QUANT_DTYPES:
+        return "dequant", f"npu_weight_quant_batchmatmul takes float16/bfloat16 activations, not {x_dtype}"
+    if not (1 <= n <= NPU_WEIGHT_QUANT_MAX_DIM and 1 <= k <= NPU_WEIGHT_QUANT_MAX_DIM):
+        return "dequant", f"npu_weight_quant_batchmatmul takes n, k in [1, {NPU_WEIGHT_QUANT_MAX_DIM}], not {n} x {k}"
+    if group_size % 32 or not 32 <= group_size < k:
+        return "dequant", f"antiquant_group_size must be a multiple of 32 in [32, K), not {group_size} (K {k})"
     return "npu_weight_quant", ""
 
 
