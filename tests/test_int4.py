@@ -74,7 +74,7 @@ def test_int4_kernel_is_float32_exact_up_to_summation_rounding(isa, x_dtype, row
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        y = op(x, packed, *int4.kernel_terms(scale, zero), bias)
+        y = op(x, packed, scale, zero, bias)
     finally:
         torch.set_num_threads(threads)
     assert y.dtype == x_dtype and y.shape == (rows, n)
@@ -103,11 +103,12 @@ def test_int4_kernel_refuses_bad_input_with_a_message():
     op = kernels.op("gemv_int4")
     x = torch.zeros(1, 64)
     packed, scale, zero = int4.quantize_groups(torch.zeros(4, 64), 32)
-    s, o = int4.kernel_terms(scale, zero)
     with pytest.raises(RuntimeError, match=r"uint8 \[N, K / 2\]"):
-        op(x, packed.view(torch.int8), s, o)
+        op(x, packed.view(torch.int8), scale, zero)
+    with pytest.raises(RuntimeError, match="float16"):
+        op(x, packed, scale.float(), zero)
     with pytest.raises(RuntimeError, match="whole blocks of 32"):
-        op(x, packed, torch.zeros(4, 3), torch.zeros(4, 3))
+        op(x, packed, torch.zeros(4, 3, dtype=torch.float16), torch.zeros(4, 3, dtype=torch.uint8))
 
 
 # ---- int4 in the model: cut == load, TP sizes, refusals, bytes ------------------------------------

@@ -98,21 +98,22 @@ def kernel_terms(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor,
     return s.contiguous(), (-zero.float() * s).contiguous()
 
 
-def dequantize_rows(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+def dequantize_rows(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[N, K] in `dtype` of packed rows and their float32 kernel_terms: q * scale + offset (exact in
-    float32, then one rounding to dtype)."""
+    """[N, K] in `dtype` of packed rows and their stored scales and zeros: q * scale + (-zero * scale),
+    exact in float32 (kernel_terms), then one rounding to dtype."""
+    s, o = kernel_terms(scale, zero)
     q = unpack(packed).float()
     n, k = q.shape
-    groups = scale.shape[1]
-    w = q.view(n, groups, k // groups).mul_(scale[..., None]).add_(offset[..., None])
+    groups = s.shape[1]
+    w = q.view(n, groups, k // groups).mul_(s[..., None]).add_(o[..., None])
     return w.view(n, k).to(dtype)
 
 
 _DEQUANT_BLOCK_BYTES = 32 << 20
 
 
-def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                 compute: torch.dtype | None = None) -> torch.Tensor:
     """x [M, K] @ W.T for int4 W, a block of weight rows dequantized at a time into the float GEMM of
     `compute` (default x's dtype): bounded memory, prefill's path (and any device's, until a fused
@@ -123,7 +124,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offs
     block = max(1, _DEQUANT_BLOCK_BYTES // max(1, k * 4))
     y = torch.empty(x.shape[0], n, dtype=compute, device=x.device)
     for i in range(0, n, block):
-        w = dequantize_rows(packed[i:i + block], scale[i:i + block], offset[i:i + block], compute)
+        w = dequantize_rows(packed[i:i + block], scale[i:i + block], zero[i:i + block], compute)
         torch.mm(xc, w.t(), out=y[:, i:i + w.shape[0]])
     return y.to(x.dtype)
 

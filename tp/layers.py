@@ -35,7 +35,8 @@ def _device_facts(device: torch.device) -> tuple[tuple[int, int], bool]:
 
 
 def _aten_int4pack(layer, device: torch.device):
-    pairs, scales_and_zeros = int4.aten_int4pack_operands(layer.weight, *layer.int4_terms())
+    terms = int4.kernel_terms(layer.weight_group_scale, layer.weight_group_zero)
+    pairs, scales_and_zeros = int4.aten_int4pack_operands(layer.weight, *terms)
     packed = torch.ops.aten._convert_weight_to_int4pack(pairs.to(device), INT4_INNER_K_TILES)
     return packed, scales_and_zeros.to(device=device, dtype=torch.bfloat16)
 
@@ -72,7 +73,6 @@ class _Weight(nn.Module):
             self.weight = _empty(rows, cols // 2, dtype=torch.uint8, device=device)
             self.weight_group_scale = _empty(rows, groups, dtype=torch.float16, device=device)
             self.weight_group_zero = _empty(rows, groups, dtype=torch.uint8, device=device)
-            self._int4_terms: tuple[torch.Tensor, torch.Tensor] | None = None
             if self.format.act_order:  # x[..., perm] meets the packed columns (tp/formats.py)
                 self.weight_input_perm = _empty(cols, dtype=torch.int64, device=device)
             return
@@ -80,19 +80,13 @@ class _Weight(nn.Module):
         if self.quantized:
             self.weight_scale = _empty(rows, dtype=torch.float32, device=device)
 
-    def int4_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 (scale, offset) per group, made once from the loaded scales and zeros."""
-        if self._int4_terms is None:
-            self._int4_terms = int4.kernel_terms(self.weight_group_scale, self.weight_group_zero)
-        return self._int4_terms
-
     def _int4_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
         rows = x.numel() // k if k else 0
-        scale, offset = self.int4_terms()
         op = cpu_kernels.op_for("gemv_int4", x, MAX_ROWS)
-        if op is not None:
-            return op(x.reshape(rows, k).contiguous(), self.weight, scale, offset, bias).view(*lead, self.weight.shape[0])
+        if op is not None:  # the stored float16 scales and uint8 zeros, as they are
+            y = op(x.reshape(rows, k).contiguous(), self.weight, self.weight_group_scale, self.weight_group_zero, bias)
+            return y.view(*lead, self.weight.shape[0])
         route, why = int4_route(x.device.type, x.dtype, self.weight.shape[0], k, self.format.group_size, rows,
                                 *_device_facts(x.device))
         x2 = x.reshape(rows, k)
@@ -107,7 +101,7 @@ class _Weight(nn.Module):
             if why and why not in _told:
                 _told.add(why)
                 log.info("int4 on %s: %s; dequantizing instead", x.device.type, why)
-            y = int4.int4_linear(x2, self.weight, scale, offset, self.prefill_compute)
+            y = int4.int4_linear(x2, self.weight, self.weight_group_scale, self.weight_group_zero, self.prefill_compute)
         y = y if bias is None else y.add_(bias)
         return y.view(*lead, self.weight.shape[0])
 
@@ -191,9 +185,9 @@ class VocabParallelEmbedding(_Weight):
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(ids, self.weight)
         if self.format.kind == "int4":
-            scale, offset = self.int4_terms()
-            flat = int4.dequantize_rows(rows.reshape(-1, rows.shape[-1]), scale[ids].reshape(-1, scale.shape[1]),
-                                        offset[ids].reshape(-1, offset.shape[1]))
+            scale, zero = self.weight_group_scale[ids], self.weight_group_zero[ids]
+            flat = int4.dequantize_rows(rows.reshape(-1, rows.shape[-1]), scale.reshape(-1, scale.shape[-1]),
+                                        zero.reshape(-1, zero.shape[-1]))
             return flat.view(*ids.shape, -1).to(self.dtype)
         if self.quantized:
             rows = (rows.float() * self.weight_scale[ids].unsqueeze(-1)).to(self.dtype)

@@ -25,6 +25,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
@@ -298,27 +299,37 @@ const float* widen(const at::Tensor& x, std::vector<float>& buffer) {
   return buffer.data();
 }
 
-// ---- int4 (tp/int4.py): w = q * scale[g] + offset[g] per group g of input channels ----------------
+// ---- int4 (tp/int4.py): w = q * scale[g] + offset[g] per group g of input channels, offset = -zero * scale --
 // y[m, n] = sum_g scale[n, g] * (sum_{k in g} q[n, k] x[m, k]) + sum_g offset[n, g] * xsum[m, g], with
 // xsum the activations' sum over each group, once per call (llama.cpp's Q4_1 folds its minimum so):
 // the inner loop is the nibbles' products only. Groups are whole blocks of 32 channels (16 bytes).
 constexpr int kInt4XRows = kWidth == 8 ? 1 : 2;  // rows of x per pass: AVX2's 16 registers hold one
 
+// A weight's float16 scales and integer zeros [N, groups], as stored (3 bytes a group: float32 copies
+// of both would add an eighth to what a step reads); w = q * scale + offset, offset = -zero * scale,
+// exact in float32.
+struct GroupTerms {
+  const c10::Half* s;
+  const uint8_t* z;
+  int64_t groups;
+  float scale(int64_t n, int64_t g) const { return static_cast<float>(s[n * groups + g]); }
+  float offset(int64_t n, int64_t g) const { return -static_cast<float>(z[n * groups + g]) * scale(n, g); }
+};
+
 // out[r][m] = the lanes of acc[r][m] summed, plus the zero terms: sum_g offset[n_r, g] * xsum[m, g].
 template <int R, int MX>
-void int4_finish(vec (*acc)[MX], const float* offset, const float* xsum, int64_t groups, int64_t n, int64_t stride,
+void int4_finish(vec (*acc)[MX], const GroupTerms& terms, const float* xsum, int64_t groups, int64_t n, int64_t stride,
                  float (*out)[MX]) {
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MX; ++m) {
       float s = sum(acc[r][m]);
-      const float* o = offset + (n + r * stride) * groups;
-      for (int64_t g = 0; g < groups; ++g) s += o[g] * xsum[m * groups + g];
+      for (int64_t g = 0; g < groups; ++g) s += terms.offset(n + r * stride, g) * xsum[m * groups + g];
       out[r][m] = s;
     }
 }
 
 template <int R, int MX>
-void dot_rows_int4(const float* x, const float* xsum, const uint8_t* w, const float* scale, const float* offset,
+void dot_rows_int4(const float* x, const float* xsum, const uint8_t* w, const GroupTerms& terms,
                    int64_t K, int64_t groups, int64_t n, int64_t stride, float (*out)[MX]) {
   const int64_t group = K / groups;
   const uint8_t* row[R];
@@ -345,11 +356,11 @@ void dot_rows_int4(const float* x, const float* xsum, const uint8_t* w, const fl
       }
     }
     for (int r = 0; r < R; ++r) {
-      const vec s = broadcast(scale[(n + r * stride) * groups + g]);
+      const vec s = broadcast(terms.scale(n + r * stride, g));
       for (int m = 0; m < MX; ++m) acc[r][m] = fma(part[r][m], s, acc[r][m]);
     }
   }
-  int4_finish<R, MX>(acc, offset, xsum, groups, n, stride, out);
+  int4_finish<R, MX>(acc, terms, xsum, groups, n, stride, out);
 }
 
 // bfloat16 activations (8 significant bits): x as int16 per group with a power-of-two scale (BlockedX,
@@ -359,8 +370,7 @@ void dot_rows_int4(const float* x, const float* xsum, const uint8_t* w, const fl
 // the float path, which is bound by arithmetic; bench/decode.py). Each int32 lane sums at most 16 products
 // of 15 * 32767 for groups up to 128: under 2^24, so the conversion is exact there.
 template <int R, int MX>
-void dot_rows_int4_blocked(const BlockedX& bx, int64_t m0, const float* xsum, const uint8_t* w, const float* scale,
-                           const float* offset, int64_t K, int64_t groups, int64_t n, int64_t stride, float (*out)[MX]) {
+void dot_rows_int4_blocked(const BlockedX& bx, int64_t m0, const float* xsum, const uint8_t* w, const GroupTerms& terms, int64_t K, int64_t groups, int64_t n, int64_t stride, float (*out)[MX]) {
   const int64_t group = K / groups;
   const uint8_t* row[R];
   for (int r = 0; r < R; ++r) row[r] = w + (n + r * stride) * (K / 2);
@@ -380,12 +390,12 @@ void dot_rows_int4_blocked(const BlockedX& bx, int64_t m0, const float* xsum, co
       }
     }
     for (int r = 0; r < R; ++r) {
-      const float s = scale[(n + r * stride) * groups + g];
+      const float s = terms.scale(n + r * stride, g);
       for (int m = 0; m < MX; ++m)
         acc[r][m] = fma(to_float(part[r][m]), broadcast(s * bx.scale[(m0 + m) * groups + g]), acc[r][m]);
     }
   }
-  int4_finish<R, MX>(acc, offset, xsum + m0 * groups, groups, n, stride, out);
+  int4_finish<R, MX>(acc, terms, xsum + m0 * groups, groups, n, stride, out);
 }
 
 #if defined(__AVX512F__)
@@ -404,8 +414,7 @@ void wide_order(std::vector<int16_t>& q) {  // per 64: [0-15, 32-47, 16-31, 48-6
 }
 
 template <int R, int MX>
-void dot_rows_int4_wide(const BlockedX& bx, int64_t m0, const float* xsum, const uint8_t* w, const float* scale,
-                             const float* offset, int64_t K, int64_t groups, int64_t n, int64_t stride, float (*out)[MX]) {
+void dot_rows_int4_wide(const BlockedX& bx, int64_t m0, const float* xsum, const uint8_t* w, const GroupTerms& terms, int64_t K, int64_t groups, int64_t n, int64_t stride, float (*out)[MX]) {
   const int64_t group = K / groups;
   const uint8_t* row[R];
   for (int r = 0; r < R; ++r) row[r] = w + (n + r * stride) * (K / 2);
@@ -431,12 +440,12 @@ void dot_rows_int4_wide(const BlockedX& bx, int64_t m0, const float* xsum, const
       }
     }
     for (int r = 0; r < R; ++r) {
-      const float s = scale[(n + r * stride) * groups + g];
+      const float s = terms.scale(n + r * stride, g);
       for (int m = 0; m < MX; ++m)
         acc[r][m] = fma(_mm512_cvtepi32_ps(part[r][m]), broadcast(s * bx.scale[(m0 + m) * groups + g]), acc[r][m]);
     }
   }
-  int4_finish<R, MX>(acc, offset, xsum + m0 * groups, groups, n, stride, out);
+  int4_finish<R, MX>(acc, terms, xsum + m0 * groups, groups, n, stride, out);
 }
 
 #endif
@@ -485,8 +494,7 @@ Int8X int8_groups(const float* x, int64_t M, int64_t K, int64_t group) {
 }
 
 template <int R, int MX>
-INT4_VNNI void dot_rows_int4_vnni(const Int8X& xq, int64_t m0, const float* xsum, const uint8_t* w, const float* scale,
-                                  const float* offset, int64_t K, int64_t groups, int64_t n, int64_t stride,
+INT4_VNNI void dot_rows_int4_vnni(const Int8X& xq, int64_t m0, const float* xsum, const uint8_t* w, const GroupTerms& terms, int64_t K, int64_t groups, int64_t n, int64_t stride,
                                   float (*out)[MX]) {
   const int64_t group = K / groups;
   const uint8_t* row[R];
@@ -512,13 +520,13 @@ INT4_VNNI void dot_rows_int4_vnni(const Int8X& xq, int64_t m0, const float* xsum
       }
     }
     for (int r = 0; r < R; ++r) {
-      const float s = scale[(n + r * stride) * groups + g];
+      const float s = terms.scale(n + r * stride, g);
       for (int m = 0; m < MX; ++m)
         acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(part[r][m]), _mm512_set1_ps(s * xq.scale[(m0 + m) * groups + g]),
                                     acc[r][m]);
     }
   }
-  int4_finish<R, MX>(acc, offset, xsum + m0 * groups, groups, n, stride, out);
+  int4_finish<R, MX>(acc, terms, xsum + m0 * groups, groups, n, stride, out);
 }
 
 bool host_has_vnni() {
@@ -538,7 +546,7 @@ struct Gemv4 {
   bool wide;                // blocked in wide_order (AVX-512, groups of a multiple of 64)
   const Int8X* x8;          // bfloat16 x as int8 groups where the VNNI path runs; else nullptr
   const uint8_t* w;
-  const float *scale, *offset;
+  GroupTerms terms;
   const Out* bias;
   Out* y;
   int64_t M, N, K, groups;
@@ -547,12 +555,12 @@ struct Gemv4 {
   void run(int64_t m, int64_t n, int64_t stride) const {
     float out[R][MX];
 #if defined(__AVX512F__)
-    if (x8) dot_rows_int4_vnni<R, MX>(*x8, m, xsum, w, scale, offset, K, groups, n, stride, out);
-    else if (blocked && wide) dot_rows_int4_wide<R, MX>(*blocked, m, xsum, w, scale, offset, K, groups, n, stride, out);
+    if (x8) dot_rows_int4_vnni<R, MX>(*x8, m, xsum, w, terms, K, groups, n, stride, out);
+    else if (blocked && wide) dot_rows_int4_wide<R, MX>(*blocked, m, xsum, w, terms, K, groups, n, stride, out);
     else
 #endif
-    if (blocked) dot_rows_int4_blocked<R, MX>(*blocked, m, xsum, w, scale, offset, K, groups, n, stride, out);
-    else dot_rows_int4<R, MX>(x + m * K, xsum + m * groups, w, scale, offset, K, groups, n, stride, out);
+    if (blocked) dot_rows_int4_blocked<R, MX>(*blocked, m, xsum, w, terms, K, groups, n, stride, out);
+    else dot_rows_int4<R, MX>(x + m * K, xsum + m * groups, w, terms, K, groups, n, stride, out);
     for (int r = 0; r < R; ++r)
       for (int i = 0; i < MX; ++i) {
         float v = out[r][i];
@@ -578,7 +586,7 @@ struct Gemv4 {
   }
 };
 
-at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& offset,
+at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero,
                      const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "gemv_int4 runs on the CPU");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x: contiguous [M, K]");
@@ -587,12 +595,12 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous() && w.size(1) * 2 == K,
               "w: contiguous uint8 [N, K / 2]");
   const int64_t N = w.size(0);
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 2 && scale.size(0) == N && scale.is_contiguous(),
-              "scale: contiguous float32 [N, groups]");
+  TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.dim() == 2 && scale.size(0) == N && scale.is_contiguous(),
+              "scale: contiguous float16 [N, groups]");
   const int64_t groups = scale.size(1);
   TORCH_CHECK(groups > 0 && K % groups == 0 && (K / groups) % 32 == 0, "groups: whole blocks of 32 channels of K");
-  TORCH_CHECK(offset.scalar_type() == at::kFloat && offset.sizes() == scale.sizes() && offset.is_contiguous(),
-              "offset: contiguous float32, scale's shape");
+  TORCH_CHECK(zero.scalar_type() == at::kByte && zero.sizes() == scale.sizes() && zero.is_contiguous(),
+              "zero: contiguous uint8, scale's shape");
   const at::Tensor b = checked_bias(bias, x, N);
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
@@ -607,7 +615,7 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
       xsum[m * groups + g] = s;
     }
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  const float *sp = scale.data_ptr<float>(), *op = offset.data_ptr<float>();
+  const GroupTerms terms{scale.data_ptr<c10::Half>(), zero.data_ptr<uint8_t>(), groups};
   BlockedX bx;
   Int8X x8;
   const bool vnni = x.scalar_type() == at::kBFloat16 && kWidth == 16 && group % 128 == 0 && host_has_vnni();
@@ -619,10 +627,10 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   if (vnni) x8 = int8_groups(xp, M, K, group);
 #endif
   if (y.scalar_type() == at::kFloat) {
-    Gemv4<float>{xp, xsum.data(), blocked, wide, vnni ? &x8 : nullptr, wp, sp, op, b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K, groups}();
+    Gemv4<float>{xp, xsum.data(), blocked, wide, vnni ? &x8 : nullptr, wp, terms, b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K, groups}();
   } else {
     using B = c10::BFloat16;
-    Gemv4<B>{xp, xsum.data(), blocked, wide, vnni ? &x8 : nullptr, wp, sp, op, b.defined() ? b.data_ptr<B>() : nullptr, y.data_ptr<B>(), M, N, K, groups}();
+    Gemv4<B>{xp, xsum.data(), blocked, wide, vnni ? &x8 : nullptr, wp, terms, b.defined() ? b.data_ptr<B>() : nullptr, y.data_ptr<B>(), M, N, K, groups}();
   }
   return y;
 }
@@ -676,6 +684,6 @@ TORCH_LIBRARY(OPS_NAMESPACE, m) {
   // bf16_dot=False keeps bfloat16 x bfloat16 on the widening float path (tests compare the two).
   m.def("gemv(Tensor x, Tensor w, Tensor? scale=None, Tensor? bias=None, bool bf16_dot=True) -> Tensor", gemv);
   m.def("has_bf16_dot() -> bool", [] { return host_has_bf16_dot(); });
-  m.def("gemv_int4(Tensor x, Tensor w, Tensor scale, Tensor offset, Tensor? bias=None) -> Tensor", gemv_int4);
+  m.def("gemv_int4(Tensor x, Tensor w, Tensor scale, Tensor zero, Tensor? bias=None) -> Tensor", gemv_int4);
   m.def("has_vnni() -> bool", [] { return host_has_vnni(); });
 }
