@@ -1,5 +1,5 @@
 """The project's hand-written CPU kernels, built on first use for the vector ISA this CPU has:
-tp/csrc/gemv.cpp (decode matmuls in float32, bfloat16 and int8), tp/csrc/decode_attention.cpp
+tp/csrc/gemv.cpp (decode matmuls in float32, bfloat16, int8 and int4), tp/csrc/decode_attention.cpp
 (attention for one new token per sequence), and for the small steps between, each one call where
 torch makes several: tp/csrc/rms_norm.cpp, tp/csrc/rope.cpp, tp/csrc/swiglu.cpp; greedy decoding's
 choice (tp/csrc/argmax.cpp); the shared-memory collectives' copy, wait and sum (tp/csrc/shm_comm.cpp,
@@ -146,9 +146,9 @@ def gemv():
 
 
 def op(name: str):
-    """The op `name` of the extension (gemv, decode_attention, rms_norm, add_rms_norm, rope, rope_into_cache,
-    swiglu, argmax_rows, shm_exchange, shm_all_reduce: each source in tp/csrc states its inputs and
-    outputs), or None where the kernels are not available."""
+    """The op `name` of the extension (gemv, gemv_int4, has_bf16_dot, has_vnni, decode_attention, rms_norm,
+    add_rms_norm, rope, rope_into_cache, swiglu, argmax_rows, shm_exchange, shm_all_reduce: each source in
+    tp/csrc states its inputs and outputs), or None where the kernels are not available."""
     ops = _ops()
     return None if ops is None else getattr(ops, name)
 

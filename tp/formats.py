@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,7 +224,6 @@ class PublishedInt4Reader(CheckpointReader):
     def rows(self, name: str, start: int, stop: int):
         if name not in self._virtual:
             return super().rows(name, start, stop)
-        from contextlib import nullcontext
         return nullcontext(self.read(name, 0, start, stop))
 
 

@@ -135,23 +135,18 @@ def load_model(path: str | Path, rank: int = 0, world_size: int = 1, device: tor
         act_order = bool(manifest.get("act_order", False))
     else:
         directory = Path(path)
-    if cut:
-        quantize = resolve_quantize(quantize, manifest)
-    elif quantize != "auto":
-        check_choice(quantize)
+    requested, quantize = quantize, resolve_quantize(quantize, manifest)
     replay = graphs_enabled(graphs, device.type)  # a bad setting refused before any weight is read
     cfg = ModelConfig.load(directory)
     cfg.check_divisible(world_size)
     source = CheckpointReader(directory) if cut else open_checkpoint(directory)
     published = isinstance(source, PublishedInt4Reader)
     if published:  # AWQ / GPTQ: read as our int4, its layers only (embedding and LM head stay float)
-        if quantize not in ("auto", "int4"):
+        if requested not in ("auto", "int4"):
             raise CheckpointError(f"{directory} is {source.int4_format.method.upper()} 4-bit: launch with "
-                                  f"model.quantize=auto (or int4), not {quantize}")
+                                  f"model.quantize=auto (or int4), not {requested}")
         quantize, quantize_lm_head, quantize_embedding = "int4", False, False
         group_size, act_order = source.int4_format.group_size, source.act_order
-    elif not cut:
-        quantize = resolve_quantize(quantize, None)
     quantize_lm_head = lm_head_quantized(cfg.tie_word_embeddings, quantize_lm_head, quantize_embedding)
     padded, kv = cfg.padded_vocab_size(world_size), cfg.kv_heads
     scales: dict[str, torch.Tensor] = {}

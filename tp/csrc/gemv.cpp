@@ -328,15 +328,32 @@ void int4_finish(vec (*acc)[MX], const GroupTerms& terms, const float* xsum, int
     }
 }
 
+// The start of every int4 kernel: the R rows of W it walks, and their accumulators at 0.
+template <int R, int MX>
+void int4_start(const uint8_t* w, int64_t K, int64_t n, int64_t stride, const uint8_t** row, vec (*acc)[MX]) {
+  for (int r = 0; r < R; ++r) row[r] = w + (n + r * stride) * (K / 2);
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MX; ++m) acc[r][m] = zero();
+}
+
+// The end of a group on the integer paths: acc[r][m] += float(part[r][m]) * the weight's scale * x's,
+// for x rounded per group with scale xscale[m * groups + g].
+template <int R, int MX>
+void int4_add_group(vec (*acc)[MX], const ivec (*part)[MX], const GroupTerms& terms, const float* xscale,
+                    int64_t groups, int64_t g, int64_t n, int64_t stride) {
+  for (int r = 0; r < R; ++r) {
+    const float s = terms.scale(n + r * stride, g);
+    for (int m = 0; m < MX; ++m) acc[r][m] = fma(to_float(part[r][m]), broadcast(s * xscale[m * groups + g]), acc[r][m]);
+  }
+}
+
 template <int R, int MX>
 void dot_rows_int4(const float* x, const float* xsum, const uint8_t* w, const GroupTerms& terms,
                    int64_t K, int64_t groups, int64_t n, int64_t stride, float (*out)[MX]) {
   const int64_t group = K / groups;
   const uint8_t* row[R];
-  for (int r = 0; r < R; ++r) row[r] = w + (n + r * stride) * (K / 2);
   vec acc[R][MX];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MX; ++m) acc[r][m] = zero();
+  int4_start<R, MX>(w, K, n, stride, row, acc);
   for (int64_t g = 0; g < groups; ++g) {
     vec part[R][MX];
     for (int r = 0; r < R; ++r)
@@ -373,10 +390,8 @@ template <int R, int MX>
 void dot_rows_int4_blocked(const BlockedX& bx, int64_t m0, const float* xsum, const uint8_t* w, const GroupTerms& terms, int64_t K, int64_t groups, int64_t n, int64_t stride, float (*out)[MX]) {
   const int64_t group = K / groups;
   const uint8_t* row[R];
-  for (int r = 0; r < R; ++r) row[r] = w + (n + r * stride) * (K / 2);
   vec acc[R][MX];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MX; ++m) acc[r][m] = zero();
+  int4_start<R, MX>(w, K, n, stride, row, acc);
   for (int64_t g = 0; g < groups; ++g) {
     ivec part[R][MX];
     for (int r = 0; r < R; ++r)
@@ -389,11 +404,7 @@ void dot_rows_int4_blocked(const BlockedX& bx, int64_t m0, const float* xsum, co
         for (int m = 0; m < MX; ++m) part[r][m] = idot_add(xb[m], wb, part[r][m]);
       }
     }
-    for (int r = 0; r < R; ++r) {
-      const float s = terms.scale(n + r * stride, g);
-      for (int m = 0; m < MX; ++m)
-        acc[r][m] = fma(to_float(part[r][m]), broadcast(s * bx.scale[(m0 + m) * groups + g]), acc[r][m]);
-    }
+    int4_add_group<R, MX>(acc, part, terms, bx.scale.data() + m0 * groups, groups, g, n, stride);
   }
   int4_finish<R, MX>(acc, terms, xsum + m0 * groups, groups, n, stride, out);
 }
@@ -417,15 +428,13 @@ template <int R, int MX>
 void dot_rows_int4_wide(const BlockedX& bx, int64_t m0, const float* xsum, const uint8_t* w, const GroupTerms& terms, int64_t K, int64_t groups, int64_t n, int64_t stride, float (*out)[MX]) {
   const int64_t group = K / groups;
   const uint8_t* row[R];
-  for (int r = 0; r < R; ++r) row[r] = w + (n + r * stride) * (K / 2);
-  const __m512i low = _mm512_set1_epi16(15);
   vec acc[R][MX];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MX; ++m) acc[r][m] = zero();
+  int4_start<R, MX>(w, K, n, stride, row, acc);
+  const __m512i low = _mm512_set1_epi16(15);
   for (int64_t g = 0; g < groups; ++g) {
-    __m512i part[R][MX];
+    ivec part[R][MX];
     for (int r = 0; r < R; ++r)
-      for (int m = 0; m < MX; ++m) part[r][m] = _mm512_setzero_si512();
+      for (int m = 0; m < MX; ++m) part[r][m] = izero();
     for (int64_t k = g * group; k < (g + 1) * group; k += kWide) {
       __m512i xl[MX], xh[MX];
       for (int m = 0; m < MX; ++m) {
@@ -439,11 +448,7 @@ void dot_rows_int4_wide(const BlockedX& bx, int64_t m0, const float* xsum, const
           part[r][m] = _mm512_add_epi32(part[r][m], _mm512_add_epi32(_mm512_madd_epi16(xl[m], lo), _mm512_madd_epi16(xh[m], hi)));
       }
     }
-    for (int r = 0; r < R; ++r) {
-      const float s = terms.scale(n + r * stride, g);
-      for (int m = 0; m < MX; ++m)
-        acc[r][m] = fma(_mm512_cvtepi32_ps(part[r][m]), broadcast(s * bx.scale[(m0 + m) * groups + g]), acc[r][m]);
-    }
+    int4_add_group<R, MX>(acc, part, terms, bx.scale.data() + m0 * groups, groups, g, n, stride);
   }
   int4_finish<R, MX>(acc, terms, xsum + m0 * groups, groups, n, stride, out);
 }
@@ -498,15 +503,13 @@ INT4_VNNI void dot_rows_int4_vnni(const Int8X& xq, int64_t m0, const float* xsum
                                   float (*out)[MX]) {
   const int64_t group = K / groups;
   const uint8_t* row[R];
-  for (int r = 0; r < R; ++r) row[r] = w + (n + r * stride) * (K / 2);
+  vec acc[R][MX];
+  int4_start<R, MX>(w, K, n, stride, row, acc);
   const __m512i low = _mm512_set1_epi8(15);
-  __m512 acc[R][MX];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MX; ++m) acc[r][m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m512i part[R][MX];
+    ivec part[R][MX];
     for (int r = 0; r < R; ++r)
-      for (int m = 0; m < MX; ++m) part[r][m] = _mm512_setzero_si512();
+      for (int m = 0; m < MX; ++m) part[r][m] = izero();
     for (int64_t k = g * group; k < (g + 1) * group; k += kVnniSpan) {
       __m512i xl[MX], xh[MX];
       for (int m = 0; m < MX; ++m) {
@@ -519,12 +522,7 @@ INT4_VNNI void dot_rows_int4_vnni(const Int8X& xq, int64_t m0, const float* xsum
         for (int m = 0; m < MX; ++m) part[r][m] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(part[r][m], lo, xl[m]), hi, xh[m]);
       }
     }
-    for (int r = 0; r < R; ++r) {
-      const float s = terms.scale(n + r * stride, g);
-      for (int m = 0; m < MX; ++m)
-        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(part[r][m]), _mm512_set1_ps(s * xq.scale[(m0 + m) * groups + g]),
-                                    acc[r][m]);
-    }
+    int4_add_group<R, MX>(acc, part, terms, xq.scale.data() + m0 * groups, groups, g, n, stride);
   }
   int4_finish<R, MX>(acc, terms, xsum + m0 * groups, groups, n, stride, out);
 }
