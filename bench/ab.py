@@ -28,7 +28,7 @@ METRICS = ("next_token_ms", "prefill_512_ms")
 
 
 def ours(tree: Path, ckpt: Path, label: str, new_tokens: int, extensions: Path) -> dict:
-    dtype, quantize = ("bfloat16", "int8") if label == "int8" else (label, "none")
+    dtype, quantize = ("bfloat16", label) if label in ("int8", "int4") else (label, "none")
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TORCH_EXTENSIONS_DIR": str(extensions)}
     cmd = [sys.executable, str(tree / "bench" / "decode.py"), "--worker", "ours", str(ckpt), dtype, "2",
            str(new_tokens), quantize]

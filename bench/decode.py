@@ -1,30 +1,34 @@
-"""Batch-1 decode against the host's read roofline and transformers, in one run.
+"""Batch-1 decode against the host's read roofline, transformers and each other, in alternated rounds.
 
 On an InternLM-shaped model of >= 500M parameters (hidden 2048, 8 layers, 16 heads, intermediate
-5504, vocab 103168: 827M) this measures, each in a fresh process so none inherits another's memory:
+5504, vocab 103168: 827M), every contender in its own fresh process, so none inherits another's
+memory, in K rounds (--rounds, default 5). A round runs them all once, in an order that reverses from
+one round to the next, so a host whose bandwidth drifts over minutes moves every contender of a round
+alike:
   - the read roofline: the bandwidth of a plain multi-threaded float32 sum over 1 GiB (far beyond the
-    caches), best of 5, on ordinary and on huge pages (as our weights: tp/hugepages.py), and of the
+    caches), best of 3, on ordinary and on huge pages (as our weights: tp/hugepages.py), and of the
     same buffer read in the kernels' pattern, 4 streams a thread (bench/stream_read.cpp: a host may
     serve several streams faster than torch's one, and the roofline must not be the easier read);
-    measured before everything else, between the two passes of ours and after (the best kept: the
-    host drifts);
-    a step's roofline time is the bytes it must read (every weight once; int8 + scales; int4 + group scales and zeros) / that;
-  - a GEMV probe: torch's F.linear and torch.mv at batch 1 over matrices of the model's own shapes;
-  - transformers' `generate` (LlamaForCausalLM, attention_bias=True) on the same checkpoint;
-  - ours at TP=1 (2 threads), TP=1 with torch's matmuls only (INTERNLM_TP_GEMV=torch), and TP=2
-    (2 processes, 1 thread each); ours at TP=1 and TP=2 and transformers once more at the end, the
-    better pass of each kept, for next token and prefill alike (as for the roofline: the host's
-    bandwidth drifts over a run, and a bar comparing two contenders measured minutes apart would
-    otherwise measure the drift);
-in float32, bfloat16, weight-only int8 and int4 (groups of 128; bfloat16 activations), plus the first-token
-time at input 512.
-Bars (issue 11, SPEC §4): ours TP=1 within 1.3x of the read roofline (goal 1.1x) in every dtype;
-bfloat16 tokens/s >= 1.5x transformers'; int8 >= 2.0x transformers' float32 and >= 1.25x our bfloat16;
-TP=2 >= 0.9x TP=1; prefill at 512 no slower than transformers; int4 (issue 25) within 1.3x of its roofline
-(packed weights, scales and zeros) and >= 1.6x our int8's tokens/s, its partition <= 0.16 of float32's.
-The CPU model and flags come first.
+    the best of those is the round's read rate; a step's roofline time is the bytes it must read
+    (every weight once; int8 + scales; int4 + group scales and zeros) / that rate;
+  - ours at TP=1 (2 threads) in float32, bfloat16, weight-only int8 and int4 (groups of 128; both with
+    bfloat16 activations, loaded from cuts made once before the rounds), and at TP=2 (2 processes, 1
+    thread each; not int4: the 5504 MLP channels are 43 groups of 128, which 2 ranks cannot share);
+  - transformers' `generate` (LlamaForCausalLM, attention_bias=True) on the same checkpoint, float32
+    and bfloat16;
+  - with --torch-matmuls, ours with torch's matmuls only (INTERNLM_TP_GEMV=torch).
+Each process times one generation of 1 + --new-tokens tokens after a warm-up (next token: the
+difference from a 1-token generation) and one first token at input 512.
+Reported: per figure the median and the range over the rounds, per ratio the median and the range of
+the per-round ratios (each ratio's two sides from the same round), against the bars (issue 11, SPEC §4;
+issue 25): ours TP=1 within 1.3x of the read roofline in every dtype; bfloat16 tokens/s >= 1.5x
+transformers'; int8 >= 2.0x transformers' float32 and >= 1.25x our bfloat16; TP=2 >= 0.9x TP=1; prefill
+at 512 no slower than transformers; int4 >= 1.6x our int8's tokens/s; partition bytes int8 / float32
+<= 0.3 and int4 / float32 <= 0.16. The CPU model and flags come first; --json FILE writes every
+figure of every round, the medians, ranges and bars.
 
-    python bench/decode.py [--dtypes float32,bfloat16] [--no-int8] [--no-int4] [--new-tokens 32] [--workdir DIR]
+    python bench/decode.py [--rounds 5] [--dtypes float32,bfloat16,int8,int4] [--new-tokens 32]
+                           [--torch-matmuls] [--workdir DIR] [--json FILE]
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,7 +50,6 @@ SHAPE = {"hidden_size": 2048, "intermediate_size": 5504, "num_attention_heads": 
          "vocab_size": 103168}
 PROMPT_LEN = 32
 PREFILL_LEN = 512
-REPEATS = 3  # every timed figure is the best of this many runs (the GEMV probe: best of 5 sweeps)
 
 
 # -- workers (each run in its own process) ---------------------------------------------------------
@@ -92,7 +96,7 @@ def _stream_read():
 
 
 def worker_read(threads: int) -> dict:
-    """GB/s of a plain float32 sum over 1 GiB with `threads` threads, best of 5, and of the same
+    """GB/s of a plain float32 sum over 1 GiB with `threads` threads, best of 3, and of the same
     buffer read in the kernels' own pattern, 4 sequential streams a thread (bench/stream_read.cpp;
     some hosts serve several streams faster than one), each on ordinary pages and on pages advised
     huge as our weights are (tp.hugepages): the best of them is kept, the strictest roofline."""
@@ -102,9 +106,9 @@ def worker_read(threads: int) -> dict:
     _threads(threads)
     result = {}
 
-    def best_of_5(read, nbytes: int) -> float:
+    def best_of_3(read, nbytes: int) -> float:
         best = float("inf")
-        for _ in range(5):
+        for _ in range(3):
             t0 = time.perf_counter()
             read()
             best = min(best, time.perf_counter() - t0)
@@ -120,40 +124,12 @@ def worker_read(threads: int) -> dict:
         if label == "huge" and not hugepages.advise([buf]):
             continue
         buf.fill_(1.0)
-        result[f"sum, {label} pages"] = best_of_5(buf.sum, buf.numel() * 4)
+        result[f"sum, {label} pages"] = best_of_3(buf.sum, buf.numel() * 4)
         if op is not None:
             assert op(buf) == buf.numel(), "the stream read must read every value once"
-            result[f"4 streams a thread, {label} pages"] = best_of_5(lambda: op(buf), buf.numel() * 4)
+            result[f"4 streams a thread, {label} pages"] = best_of_3(lambda: op(buf), buf.numel() * 4)
         del buf
     return {"GBps": max(result.values()), **result}
-
-
-def worker_probe(ckpt: str, dtype: str, threads: int) -> dict:
-    """GB/s of a batch-1 GEMV (F.linear and torch.mv) over every weight matrix of the model, in the
-    checkpoint's shapes (q, k, v, gate, up apart) and fused (qkv, gate_up) as we run them; the best
-    of the four is the roofline."""
-    import torch
-    import torch.nn.functional as F
-    _threads(threads)
-    h, inter, v, layers = (SHAPE[k] for k in ("hidden_size", "intermediate_size", "vocab_size", "num_hidden_layers"))
-    dt = getattr(torch, dtype)
-    variants = {"checkpoint shapes": [(h, h)] * 4 + [(inter, h)] * 2 + [(h, inter)],
-                "fused shapes": [(3 * h, h), (h, h), (2 * inter, h), (h, inter)]}
-    result = {}
-    for label, per_layer in variants.items():
-        mats = [torch.randn(o, i).to(dt) for _ in range(layers) for o, i in per_layer] + [torch.randn(v, h).to(dt)]
-        xs = {i: torch.randn(1, i).to(dt) for i in (h, inter)}
-        total = sum(m.numel() * m.element_size() for m in mats)
-        for op, f in (("F.linear", lambda m: F.linear(xs[m.shape[1]], m)), ("torch.mv", lambda m: torch.mv(m, xs[m.shape[1]][0]))):
-            best = float("inf")
-            for _ in range(5):
-                t0 = time.perf_counter()
-                for m in mats:
-                    f(m)
-                best = min(best, time.perf_counter() - t0)
-            result[f"{op}, {label}"] = total / best / 1e9
-        del mats
-    return result
 
 
 def worker_hf(ckpt: str, dtype: str, threads: int, new_tokens: int) -> dict:
@@ -181,9 +157,10 @@ def worker_hf(ckpt: str, dtype: str, threads: int, new_tokens: int) -> dict:
         return time.perf_counter() - t0
 
     run(PROMPT_LEN, 4)  # warm-up
-    one = min(run(PROMPT_LEN, 1) for _ in range(REPEATS))
-    many = min(run(PROMPT_LEN, 1 + new_tokens) for _ in range(REPEATS))
-    prefill = min(run(PREFILL_LEN, 1) for _ in range(REPEATS))
+    one = run(PROMPT_LEN, 1)
+    many = run(PROMPT_LEN, 1 + new_tokens)
+    run(PREFILL_LEN, 1)
+    prefill = run(PREFILL_LEN, 1)
     return {"next_token_ms": (many - one) * 1e3 / new_tokens, "prefill_512_ms": prefill * 1e3}
 
 
@@ -199,10 +176,10 @@ def worker_ours(ckpt: str, dtype: str, threads: int, new_tokens: int, quantize: 
     model = load_model(ckpt, d.rank, d.world_size, d.device, dtype, quantize)
     prompt = [_prompt(PROMPT_LEN, SHAPE["vocab_size"])]
     generate(model, prompt, 4, eos_id=-1)  # warm-up
-    nxt = min(generate(model, prompt, 1 + new_tokens, eos_id=-1).next_token_ms for _ in range(REPEATS))
+    nxt = generate(model, prompt, 1 + new_tokens, eos_id=-1).next_token_ms
     long_prompt = [_prompt(PREFILL_LEN, SHAPE["vocab_size"])]
     generate(model, long_prompt, 1, eos_id=-1)
-    prefill = min(generate(model, long_prompt, 1, eos_id=-1).first_token_ms for _ in range(REPEATS))
+    prefill = generate(model, long_prompt, 1, eos_id=-1).first_token_ms
     times = torch.tensor([nxt, prefill], dtype=torch.float64)
     if d.world_size > 1:
         dist.all_reduce(times, op=dist.ReduceOp.MAX)
@@ -212,22 +189,16 @@ def worker_ours(ckpt: str, dtype: str, threads: int, new_tokens: int, quantize: 
             "decode_bytes": model.decode_weight_bytes(1) * d.world_size}
 
 
-def worker_cut_bytes(ckpt: str, out: str) -> dict:
-    """Partition bytes on disk of a float32 cut, an int8 cut (bfloat16 for what stays float) and an int4
-    cut (groups of 128)."""
+def worker_cut(ckpt: str, out: str, world_size: int, quantize: str) -> dict:
+    """A cut of the checkpoint (quantized weights, bfloat16 for what stays float, or float32 as it is),
+    and its partition bytes on disk."""
     from cut_weights import CutOptions, cut
-    sizes = {}
-    for label, opts in (("float32", {}), ("int8", {"quantize": "int8", "dtype": "bfloat16"}),
-                        ("int4", {"quantize": "int4", "dtype": "bfloat16"})):
-        target = Path(out) / label
-        cut(CutOptions(ckpt, str(target), 1, overwrite=True, progress=False, **opts))
-        sizes[label] = sum(p.stat().st_size for p in target.glob("rank_*/*.safetensors"))
-        shutil.rmtree(target)
-    return sizes
+    opts = {} if quantize == "none" else {"quantize": quantize, "dtype": "bfloat16"}
+    cut(CutOptions(ckpt, out, world_size, overwrite=True, progress=False, **opts))
+    return {"bytes": sum(p.stat().st_size for p in Path(out).glob("rank_*/*.safetensors"))}
 
 
-WORKERS = {"build": worker_build, "read": worker_read, "probe": worker_probe, "hf": worker_hf, "ours": worker_ours,
-           "cut_bytes": worker_cut_bytes}
+WORKERS = {"build": worker_build, "read": worker_read, "hf": worker_hf, "ours": worker_ours, "cut": worker_cut}
 
 
 # -- driver ---------------------------------------------------------------------------------------
@@ -244,13 +215,93 @@ def call(worker: str, *args, world_size: int = 1, threads: int = 2, env: dict | 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# label -> (activations dtype, quantize); int8 and int4 keep bfloat16 activations
+VARIANTS = {"float32": ("float32", "none"), "bfloat16": ("bfloat16", "none"), "int8": ("bfloat16", "int8"),
+            "int4": ("bfloat16", "int4")}
+BARS = {  # ratio name -> (op, limit); every ratio is taken within one round
+    "{v}: ours TP=1 / read roofline time": ("<=", 1.3),
+    "{v}: ours TP=2 / TP=1 tokens/s": (">=", 0.9),
+    "bfloat16: ours / transformers tokens/s": (">=", 1.5),
+    "{v}: transformers / ours prefill@512 time": (">=", 1.0),
+    "int8: ours / transformers float32 tokens/s": (">=", 2.0),
+    "int8: ours / ours bfloat16 tokens/s": (">=", 1.25),
+    "int4: ours / ours int8 tokens/s": (">=", 1.6),
+}
+
+
+def contenders(labels: list[str], torch_matmuls: bool) -> list[tuple[str, str, str]]:
+    """(key, kind, variant): the processes of one round."""
+    out = [("read", "read", "")]
+    for v in labels:
+        out.append((f"{v}/ours", "ours", v))
+        if v != "int4":
+            out.append((f"{v}/tp2", "tp2", v))
+        if v in ("float32", "bfloat16"):
+            out.append((f"{v}/hf", "hf", v))
+        if torch_matmuls:
+            out.append((f"{v}/torch", "torch", v))
+    return out
+
+
+def run_one(kind: str, variant: str, ckpt: Path, cuts: dict, new_tokens: int) -> dict:
+    if kind == "read":
+        return call("read", 2)
+    dtype, quantize = VARIANTS[variant]
+    if kind == "hf":
+        return call("hf", ckpt, dtype, 2, new_tokens)
+    path = cuts.get((quantize, 2 if kind == "tp2" else 1), ckpt)
+    quant = "auto" if path != ckpt else quantize
+    if kind == "tp2":
+        return call("ours", path, dtype, 1, new_tokens, quant, world_size=2, threads=1)
+    return call("ours", path, dtype, 2, new_tokens, quant, env={"INTERNLM_TP_GEMV": "torch"} if kind == "torch" else None)
+
+
+def round_ratios(r: dict, labels: list[str]) -> dict:
+    """The bars' ratios within one round r (key -> result)."""
+    bw = r["read"]["GBps"]
+    nt = {k: v["next_token_ms"] for k, v in r.items() if k != "read"}
+    out = {}
+    for v in labels:
+        ours = r[f"{v}/ours"]
+        out[f"{v}: ours TP=1 / read roofline time"] = ours["next_token_ms"] / (ours["decode_bytes"] / bw / 1e6)
+        if f"{v}/tp2" in r:
+            out[f"{v}: ours TP=2 / TP=1 tokens/s"] = ours["next_token_ms"] / nt[f"{v}/tp2"]
+        if f"{v}/hf" in r:
+            out[f"{v}: transformers / ours prefill@512 time"] = r[f"{v}/hf"]["prefill_512_ms"] / ours["prefill_512_ms"]
+    pairs = {"bfloat16: ours / transformers tokens/s": ("bfloat16/hf", "bfloat16/ours"),
+             "int8: ours / transformers float32 tokens/s": ("float32/hf", "int8/ours"),
+             "int8: ours / ours bfloat16 tokens/s": ("bfloat16/ours", "int8/ours"),
+             "int4: ours / ours int8 tokens/s": ("int8/ours", "int4/ours")}
+    for name, (slow, fast) in pairs.items():
+        if slow in nt and fast in nt:
+            out[name] = nt[slow] / nt[fast]
+    return out
+
+
+def spread(values: list[float], digits: int = 2) -> dict:
+    return {"median": round(statistics.median(values), digits + 2), "min": round(min(values), digits + 2),
+            "max": round(max(values), digits + 2)}
+
+
+def shown(values: list[float], digits: int = 2) -> str:
+    return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
+
+
+def bar_of(name: str) -> tuple[str, float]:
+    for pattern, bar in BARS.items():
+        if pattern.startswith("{v}") and name.endswith(pattern[3:]) or pattern == name:
+            return bar
+    raise KeyError(name)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--dtypes", default="float32,bfloat16,int8,int4", help="any of " + ",".join(VARIANTS))
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--workdir", default=None)
-    ap.add_argument("--no-int8", action="store_true")
-    ap.add_argument("--no-int4", action="store_true")
+    ap.add_argument("--torch-matmuls", action="store_true", help="also ours with torch's matmuls only, each round")
+    ap.add_argument("--workdir", default=None, help="keeps the checkpoint and the cuts between runs")
+    ap.add_argument("--json", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -262,108 +313,98 @@ def main() -> None:
             print(json.dumps(result))
         return
 
+    labels = [d for d in args.dtypes.split(",") if d]
+    unknown = set(labels) - set(VARIANTS)
+    if unknown:
+        ap.error(f"--dtypes: unknown {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-decode-"))
     ckpt = work / "ckpt"
-    print(f"CPU: {cpu_description()}")
+    cpu = cpu_description()
+    print(f"CPU: {cpu}")
+    started = time.perf_counter()
     try:
         if not (ckpt / "config.json").is_file():
             built = call("build", ckpt)
             print(f"checkpoint: InternLM-shaped {SHAPE}, {built['bytes'] / 1e9:.2f} GB float32")
-        reads = [call("read", 2)]
-        runs = {}  # label -> (activations dtype, quantize)
-        variants = [(d, d, "none") for d in args.dtypes.split(",") if d]
-        if not args.no_int8:
-            variants.append(("int8", "bfloat16", "int8"))
-        if not args.no_int4:
-            variants.append(("int4", "bfloat16", "int4"))
-        for label, dtype, quantize in variants:
-            r = {"ours": call("ours", ckpt, dtype, 2, args.new_tokens, quantize),
-                 "torch": call("ours", ckpt, dtype, 2, args.new_tokens, quantize, env={"INTERNLM_TP_GEMV": "torch"})}
-            if quantize != "int4":  # int4: 5504 MLP channels are 43 groups of 128, which 2 ranks cannot share
-                r["tp2"] = call("ours", ckpt, dtype, 1, args.new_tokens, quantize, world_size=2, threads=1)
+        cuts, partition = {}, {}  # (quantize, world size) -> cut directory; quantize -> TP=1 partition bytes
+        wanted = [("none", 1)] + [(VARIANTS[v][1], w) for v in labels if v in ("int8", "int4") for w in (1, 2)
+                                  if not (v == "int4" and w == 2)]
+        for quantize, world_size in wanted:
+            target = work / f"cut-{quantize}-tp{world_size}"
+            partition[(quantize, world_size)] = call("cut", ckpt, target, world_size, quantize)["bytes"]
             if quantize == "none":
-                r["probe"] = call("probe", ckpt, dtype, 2)
-                r["hf"] = call("hf", ckpt, dtype, 2, args.new_tokens)
-            runs[label] = r
-        reads.append(call("read", 2))  # the host drifts: read between the passes too
-        for label, dtype, quantize in variants:  # a second pass of each contender, as the roofline is read again
-            again = {"ours": call("ours", ckpt, dtype, 2, args.new_tokens, quantize)}
-            if "tp2" in runs[label]:
-                again["tp2"] = call("ours", ckpt, dtype, 1, args.new_tokens, quantize, world_size=2, threads=1)
-            if quantize == "none":
-                again["hf"] = call("hf", ckpt, dtype, 2, args.new_tokens)
-            for key, second in again.items():
-                first = runs[label][key]
-                runs[label][f"{key}_passes"] = [(p["next_token_ms"], p["prefill_512_ms"]) for p in (first, second)]
-                runs[label][key] = {**first, **{m: min(first[m], second[m]) for m in ("next_token_ms", "prefill_512_ms")}}
-        reads.append(call("read", 2))
-        report(runs, max(r["GBps"] for r in reads), reads, args.new_tokens)
-        if not (args.no_int8 and args.no_int4):
-            sizes = call("cut_bytes", ckpt, work / "cuts")
-            for label, bar in (("int8", 0.3), ("int4", 0.16)):
-                ratio = sizes[label] / sizes["float32"]
-                print(f"  partition bytes {label} / float32: {sizes[label] / 1e9:.2f} / {sizes['float32'] / 1e9:.2f} GB = "
-                      f"{ratio:.3f}  (bar <= {bar})  {'PASS' if ratio <= bar else 'FAIL'}")
+                shutil.rmtree(target)  # float32 is read from the checkpoint itself: its cut only gives the bytes
+            else:
+                cuts[(quantize, world_size)] = target
+        print(f"cuts made in {time.perf_counter() - started:.0f} s; {args.rounds} rounds of "
+              f"{len(contenders(labels, args.torch_matmuls))} processes, alternated", flush=True)
+        rounds = []
+        for i in range(args.rounds):
+            order = contenders(labels, args.torch_matmuls)
+            if i % 2:
+                order = order[::-1]
+            r = {key: run_one(kind, v, ckpt, cuts, args.new_tokens) for key, kind, v in order}
+            rounds.append(r)
+            print(f"round {i + 1} ({time.perf_counter() - started:.0f} s): read {r['read']['GBps']:.1f} GB/s; "
+                  + ", ".join(f"{k} {x['next_token_ms']:.1f}" for k, x in r.items() if k != "read") + " ms a token",
+                  flush=True)
+        summary = report(rounds, labels, partition, args.new_tokens)
+        print(f"\n{args.rounds} rounds in {time.perf_counter() - started:.0f} s")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"cpu": cpu, "commit": _commit(), "rounds": rounds, **summary}, indent=1))
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def report(runs: dict, bw: float, reads: list[float], new_tokens: int) -> None:
-    print("\nread roofline: float32 over 1 GiB, 2 threads, GB/s (before the runs / between the passes / after):")
-    for key in reads[0]:
-        if key != "GBps":
-            print(f"  {key:32}" + " / ".join(f"{r[key]:.1f}" if key in r else "-" for r in reads))
-    print(f"  {bw:.1f} GB/s kept (the best)")
-    checks = []
-    for label, r in runs.items():
-        ours, step_bytes = r["ours"], r["ours"]["decode_bytes"]
-        roof_ms = step_bytes / bw / 1e6
-        print(f"\n== {label}, batch 1, prompt {PROMPT_LEN}, {new_tokens} new tokens, 2 cores: "
-              f"{step_bytes / 1e9:.3f} GB read per step, roofline {roof_ms:.2f} ms ==")
-        if "probe" in r:
-            print("GEMV probe (torch): " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in r["probe"].items()))
-        print(f"{'':40}{'next token ms':>14}{'tokens/s':>10}{'x roofline':>12}{'GB/s':>8}")
-        rows = [("read roofline", {"next_token_ms": roof_ms})]
-        if "hf" in r:
-            rows.append(("transformers generate", r["hf"]))
-        rows += [("ours TP=1 (2 threads), best pass", ours), ("ours TP=1, torch's matmuls only", r["torch"])]
-        if "tp2" in r:
-            rows.append(("ours TP=2 (1 thread each), best pass", r["tp2"]))
-        for name, x in rows:
-            ms = x["next_token_ms"]
-            print(f"{name:40}{ms:14.2f}{1e3 / ms:10.2f}{ms / roof_ms:12.3f}{step_bytes / ms / 1e6:8.1f}")
-        checks.append((f"{label}: ours TP=1 / read roofline time", ours["next_token_ms"] / roof_ms, "<=", 1.3))
-        if "tp2" in r:
-            checks.append((f"{label}: ours TP=2 / TP=1 tokens/s", ours["next_token_ms"] / r["tp2"]["next_token_ms"], ">=", 0.9))
-        if "hf" in r:
-            if label == "bfloat16":
-                checks.append(("bfloat16: ours / transformers tokens/s", r["hf"]["next_token_ms"] / ours["next_token_ms"], ">=", 1.5))
-            checks.append((f"{label}: transformers / ours prefill@512 time", r["hf"]["prefill_512_ms"] / ours["prefill_512_ms"],
-                           ">=", 1.0))
-        names = (("ours", "TP=1"), ("tp2", "TP=2"), ("hf", "transformers"))
-        for i, what in ((0, "next token"), (1, "prefill@512")):
-            print(f"  {what} in the first / second pass: " + ", ".join(
-                f"{name} {' / '.join(f'{p[i]:.{2 - i}f}' for p in r[f'{key}_passes'])} ms"
-                for key, name in names if f"{key}_passes" in r))
-        prefill = f"prefill@512, the better pass: ours TP=1 {ours['prefill_512_ms']:.1f} ms" + (
-            f", TP=2 {r['tp2']['prefill_512_ms']:.1f} ms" if "tp2" in r else "")
-        print("  " + prefill + (f", transformers {r['hf']['prefill_512_ms']:.1f} ms" if "hf" in r else ""))
-        print(f"  memory TP=1 rank 0: RSS {ours['rank_rss'] / 1e9:.2f} GB vs weights {ours['rank_weights'] / 1e9:.2f} GB"
+def _commit() -> str:
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return proc.stdout.strip()
+
+
+def report(rounds: list[dict], labels: list[str], partition: dict, new_tokens: int) -> dict:
+    """Prints the medians and ranges; returns them with the bars for --json."""
+    n = len(rounds)
+    reads = [r["read"]["GBps"] for r in rounds]
+    print(f"\nmedian [min-max] over {n} rounds; batch 1, prompt {PROMPT_LEN}, {new_tokens} new tokens, 2 cores")
+    print(f"read roofline, the best of the round's reads (float32 over 1 GiB, 2 threads): {shown(reads, 1)} GB/s")
+    names = {"ours": "ours TP=1 (2 threads)", "tp2": "ours TP=2 (1 thread each)", "hf": "transformers generate",
+             "torch": "ours TP=1, torch's matmuls only"}
+    figures = {"read_GBps": spread(reads)}
+    print(f"{'':12}{'':34}{'next token ms':>24}{'first token @512 ms':>26}")
+    for v in labels:
+        step_bytes = rounds[0][f"{v}/ours"]["decode_bytes"]
+        roof = [step_bytes / r["read"]["GBps"] / 1e6 for r in rounds]
+        print(f"{v:12}{'read roofline':34}{shown(roof):>24}{'':>26}   ({step_bytes / 1e9:.3f} GB a step)")
+        for kind, name in names.items():
+            key = f"{v}/{kind}"
+            if key not in rounds[0]:
+                continue
+            nt = [r[key]["next_token_ms"] for r in rounds]
+            pf = [r[key]["prefill_512_ms"] for r in rounds]
+            figures[key] = {"next_token_ms": spread(nt), "prefill_512_ms": spread(pf)}
+            print(f"{'':12}{name:34}{shown(nt):>24}{shown(pf, 0):>26}")
+        ours = rounds[-1][f"{v}/ours"]
+        print(f"{'':12}memory TP=1 rank 0: RSS {ours['rank_rss'] / 1e9:.2f} GB vs weights {ours['rank_weights'] / 1e9:.2f} GB"
               f" + KV cache {ours['rank_cache'] / 1e6:.1f} MB")
-    if "int8" in runs:
-        ms = runs["int8"]["ours"]["next_token_ms"]
-        if "float32" in runs:
-            checks.append(("int8: ours / transformers float32 tokens/s", runs["float32"]["hf"]["next_token_ms"] / ms, ">=", 2.0))
-        if "bfloat16" in runs:
-            checks.append(("int8: ours / ours bfloat16 tokens/s", runs["bfloat16"]["ours"]["next_token_ms"] / ms, ">=", 1.25))
-    if "int4" in runs and "int8" in runs:
-        checks.append(("int4: ours / ours int8 tokens/s", runs["int8"]["ours"]["next_token_ms"] / runs["int4"]["ours"]["next_token_ms"],
-                       ">=", 1.6))
+    per_round = [round_ratios(r, labels) for r in rounds]
+    ratios = {}
     print()
-    for name, value, op, limit in checks:
-        ok = value <= limit if op == "<=" else value >= limit
-        print(f"  {name:48} {value:6.3f}  (bar {op} {limit})  {'PASS' if ok else 'FAIL'}")
+    for name in per_round[0]:
+        values = [p[name] for p in per_round]
+        op, limit = bar_of(name)
+        median = statistics.median(values)
+        ok = median <= limit if op == "<=" else median >= limit
+        ratios[name] = {**spread(values), "bar": f"{op} {limit}", "pass": ok}
+        print(f"  {name:46} {shown(values, 3):>22}  (bar {op} {limit})  {'PASS' if ok else 'FAIL'}")
+    for quantize, bar in (("int8", 0.3), ("int4", 0.16)):
+        if (quantize, 1) in partition:
+            ratio = partition[(quantize, 1)] / partition[("none", 1)]
+            ratios[f"partition bytes {quantize} / float32"] = {"value": ratio, "bar": f"<= {bar}", "pass": ratio <= bar}
+            print(f"  {'partition bytes ' + quantize + ' / float32':46} {ratio:>22.3f}  (bar <= {bar})  "
+                  f"{'PASS' if ratio <= bar else 'FAIL'}   ({partition[(quantize, 1)] / 1e9:.2f} / "
+                  f"{partition[('none', 1)] / 1e9:.2f} GB)")
+    return {"figures": figures, "ratios": ratios}
 
 
 if __name__ == "__main__":

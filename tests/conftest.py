@@ -21,6 +21,12 @@ HOST_ISA = host_isa()
 # The builds of tp/csrc this CPU can run: its own, and the AVX2 one on an AVX-512 host.
 RUNNABLE_ISAS = [isa for isa in ("avx2", "avx512") if isa == HOST_ISA or (isa == "avx2" and HOST_ISA == "avx512")]
 
+
+def cpu_flags() -> set[str]:
+    """The host's CPU flags, as /proc/cpuinfo names them."""
+    with open("/proc/cpuinfo") as f:
+        return next(set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags"))
+
 # The real C-Eval where the caller names it (the Makefile does, where ../shared/ceval exists: this
 # project's CI layout), else the project's built-in demo set. Every test runs on either; these are the
 # subjects each one picks, of the same sizes on both (12 and 16 questions, two categories).

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import tp.cpu_kernels as kernels
-from conftest import HOST_ISA, RUNNABLE_ISAS
+from conftest import HOST_ISA, RUNNABLE_ISAS, cpu_flags
 from tp import decode_matmul
 from tp.quant import quantize_rows
 
@@ -75,11 +75,6 @@ def test_kernel_is_float32_exact_up_to_summation_rounding(isa, kind, x_dtype, ro
     assert ((y.double() - exact).abs() <= bound).all()
 
 
-def _cpu_flags() -> set[str]:
-    with open("/proc/cpuinfo") as f:
-        return next(set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags"))
-
-
 @pytest.mark.parametrize("isa", RUNNABLE_ISAS)
 def test_bfloat16_dot_products_run_where_the_cpu_has_them_within_the_same_bound(isa):
     """bfloat16 x bfloat16 from 2 rows on takes vdpbf16ps where the CPU has AVX512_BF16 (the AVX-512
@@ -87,7 +82,7 @@ def test_bfloat16_dot_products_run_where_the_cpu_has_them_within_the_same_bound(
     different low bits from it (other sums), which shows the dot path ran; one row, or bf16_dot=False,
     is the widening path to the bit."""
     ops = kernels.build(isa)
-    assert ops.has_bf16_dot() == (isa == "avx512" and "avx512_bf16" in _cpu_flags())
+    assert ops.has_bf16_dot() == (isa == "avx512" and "avx512_bf16" in cpu_flags())
     g = torch.Generator().manual_seed(5)
     k, n = 2048 + 24, 4097
     w = torch.randn(n, k, generator=g).to(torch.bfloat16)
@@ -388,3 +383,36 @@ def test_every_isa_build_compiles_on_this_host(isa, tmp_path):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, f"{source.name} for {isa}:\n{proc.stderr[-3000:]}"
         assert (tmp_path / "o.o").stat().st_size > 0
+
+
+def test_int4_prefill_takes_the_measured_compute_dtype_even_where_every_layer_is_int4(monkeypatch):
+    """int4 prefill dequantizes blocks of rows into a float GEMM: in float32 where this host's bfloat16
+    GEMM is the slower (measured on the largest int4 weight's rows dequantized when no other weight
+    is there; a bfloat16 GEMM without bfloat16 dot products took minutes for a 512-token prefill)."""
+    from tp import int4
+    from tp.layers import ColumnParallelLinear
+    from tp.quant import WeightFormat
+    monkeypatch.setattr(decode_matmul, "PREFILL_MIN_MEASURED_BYTES", 0)
+    fmt = WeightFormat("int4", 32)
+    layers = [ColumnParallelLinear(64, 48, 1, False, torch.bfloat16, quantized=fmt) for _ in range(2)]
+    g = torch.Generator().manual_seed(0)
+    for layer in layers:
+        packed, scale, zero = int4.quantize_groups(torch.randn(48, 64, generator=g), 32)
+        layer.weight.copy_(packed), layer.weight_group_scale.copy_(scale), layer.weight_group_zero.copy_(zero)
+    timed = []
+
+    def cost(compute, rows):
+        timed.append(compute)
+        return 0.1 if compute == torch.float32 else 1.0
+
+    _fake_prefill_clock(monkeypatch, cost)
+    assert decode_matmul.choose_prefill(layers, torch.bfloat16) == (torch.float32, None)
+    assert set(timed) == {None, torch.float32}, "bfloat16 against float32, timed on dequantized int4 rows"
+    assert all(m.prefill_compute == torch.float32 for m in layers)
+    x = torch.randn(1, 40, 64).to(torch.bfloat16)  # past MAX_ROWS: the dequantizing prefill path
+    w = int4.dequantize(layers[0].weight, layers[0].weight_group_scale, layers[0].weight_group_zero)
+    exact = x.double() @ w.double().t()
+    assert torch.allclose(layers[0](x).double(), exact, rtol=2e-2, atol=2e-2 * exact.abs().max().item())
+    _fake_prefill_clock(monkeypatch, lambda compute, rows: 1.0 if compute == torch.float32 else 0.1)
+    assert decode_matmul.choose_prefill(layers, torch.bfloat16) == (None, None)
+    assert all(m.prefill_compute is None for m in layers)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import tp.cpu_kernels as kernels
-from conftest import RUNNABLE_ISAS
+from conftest import RUNNABLE_ISAS, cpu_flags
 from tp import int4
 
 
@@ -89,12 +89,12 @@ def test_int4_kernel_is_float32_exact_up_to_summation_rounding(isa, x_dtype, row
     if x_dtype == torch.bfloat16:
         # x as int16 per group (gemv.cpp's BlockedX): each element off by at most 2^-15 of its group's
         # largest |x|, met by q * scale (the offset term takes x's exact group sums); then the output's
-        # bfloat16 rounding
-        # (int8 per group, off by at most 2^-6 of the largest, on an AVX-512 CPU with VNNI for groups
-        # of a multiple of 128)
-        vnni = isa == "avx512" and group % 128 == 0 and kernels.build(isa).has_vnni()
+        # bfloat16 rounding. Or x as int8 per group, off by at most 2^-6 of the largest: AVX2 for groups
+        # of a multiple of 64, AVX-512 with VNNI for a multiple of 128.
+        int8_x = kernels.build(isa).int4_int8_x(group)
+        assert int8_x == (group % 64 == 0 if isa == "avx2" else group % 128 == 0 and "avx512_vnni" in cpu_flags())
         largest = xs.abs().amax(-1).repeat_interleave(group, dim=1)
-        bound = bound + (largest * 2 ** (-6 if vnni else -15)) @ (q * s.repeat_interleave(group, 1)).abs().t()
+        bound = bound + (largest * 2 ** (-6 if int8_x else -15)) @ (q * s.repeat_interleave(group, 1)).abs().t()
         bound = bound + exact.abs() * 2 ** -8
     assert ((y.double() - exact).abs() <= bound).all()
 

@@ -35,7 +35,7 @@ _SOURCES = [Path(__file__).with_name("csrc") / name
                          "shm_comm.cpp")]
 _NAMES = ", ".join(source.name for source in _SOURCES)
 # The flags per ISA: the kernel's vector width follows them (tp/csrc/gemv.cpp).
-ISA_FLAGS = {"avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"], "avx2": ["-mavx2", "-mfma"]}
+ISA_FLAGS = {"avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c"], "avx2": ["-mavx2", "-mfma", "-mf16c"]}
 COMMON_FLAGS = ["-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
 _state: dict[str, object] = {}
 log = logging.getLogger("internlm_tp")
@@ -146,7 +146,7 @@ def gemv():
 
 
 def op(name: str):
-    """The op `name` of the extension (gemv, gemv_int4, has_bf16_dot, has_vnni, decode_attention, rms_norm,
+    """The op `name` of the extension (gemv, gemv_int4, has_bf16_dot, int4_int8_x, decode_attention, rms_norm,
     add_rms_norm, rope, rope_into_cache, swiglu, argmax_rows, shm_exchange, shm_all_reduce: each source in
     tp/csrc states its inputs and outputs), or None where the kernels are not available."""
     ops = _ops()

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from tp import cpu_kernels
+from tp.int4 import dequantize_rows
 from tp.quant import dequantized_linear
 
 log = logging.getLogger("internlm_tp")
@@ -168,11 +169,16 @@ def choose_prefill(modules: list, x_dtype: torch.dtype) -> tuple[torch.dtype | N
       - rows: at most this many weight rows per GEMM, where one of PREFILL_GEMM_ROWS is MARGIN faster
         than the whole weight in one GEMM (MKL on an AMD EPYC: 11008 x 2048 float32 at 64 rows, 37 ms
         whole, 27 ms in blocks of 2048), else None.
-    Returns (compute, rows)."""
-    modules = [m for m in modules if m.weight.dtype != torch.uint8]  # int4 dequantizes in x's dtype
-    if not modules:
+    int4 weights (packed uint8) take the compute dtype: their prefill dequantizes blocks of rows into the
+    same GEMM (tp/int4.py), so where every layer is int4 the dtype is measured on the largest one's rows
+    dequantized (a bfloat16 GEMM on a CPU without bfloat16 dot products, AMD EPYC with AVX2: a 512-token
+    prefill of the 827M bench model took minutes). Returns (compute, rows)."""
+    packed = [m for m in modules if m.weight.dtype == torch.uint8]
+    modules = [m for m in modules if m.weight.dtype != torch.uint8]
+    pool = modules or packed
+    if not pool:
         return None, None
-    timed = [m for m in modules if getattr(m, "many_prefill_rows", True)] or modules
+    timed = [m for m in pool if getattr(m, "many_prefill_rows", True)] or pool
     largest = max(timed, key=lambda m: m.weight.numel() * m.weight.element_size())
     if largest.weight.numel() * largest.weight.element_size() < PREFILL_MIN_MEASURED_BYTES:
         return None, None
@@ -181,6 +187,9 @@ def choose_prefill(modules: list, x_dtype: torch.dtype) -> tuple[torch.dtype | N
     chosen = None
     if x_dtype != torch.float32:
         # the dtype on a sample (a block of rows is what the dequantizing path converts at a time)
+        if w.dtype == torch.uint8:
+            rows = max(1, min(w.shape[0], MIN_MEASURED_BYTES // (w.shape[1] * 2 * x_dtype.itemsize)))
+            w = dequantize_rows(w[:rows], largest.weight_group_scale[:rows], largest.weight_group_zero[:rows], x_dtype)
         (ws, ss), = _sample([(w, scale)], MIN_MEASURED_BYTES)
         x = torch.randn(PREFILL_ROWS, w.shape[1]).to(x_dtype)
         seconds = {c: _best_of_two(lambda: _prefill(ws, ss, x, c)) for c in (None, torch.float32)}
@@ -188,6 +197,10 @@ def choose_prefill(modules: list, x_dtype: torch.dtype) -> tuple[torch.dtype | N
         log.info("prefill GEMMs (%d rows x %dx%d %s weights, measured here): %s %.1f ms, float32 %.1f ms -> %s",
                  PREFILL_ROWS, *ws.shape, str(w.dtype).removeprefix("torch."), dtype_name,
                  seconds[None] * 1e3, seconds[torch.float32] * 1e3, "float32" if chosen else dtype_name)
+    for m in packed:
+        m.prefill_compute = chosen
+    if not modules:
+        return chosen, None
     # the block size on the whole weight: what it changes is how one GEMM walks a long weight
     rows = None
     blocks = [None] + [r for r in PREFILL_GEMM_ROWS if r < w.shape[0]]

@@ -312,20 +312,30 @@ struct GroupTerms {
   const c10::Half* s;
   const uint8_t* z;
   int64_t groups;
-  float scale(int64_t n, int64_t g) const { return static_cast<float>(s[n * groups + g]); }
+  // F16C's conversion (every AVX2 CPU has it): c10::Half's own is a dozen scalar instructions with
+  // branches, once per group per row, which on AVX2 cost as much as the group's products.
+  float scale(int64_t n, int64_t g) const { return _cvtsh_ss(s[n * groups + g].x); }
   float offset(int64_t n, int64_t g) const { return -static_cast<float>(z[n * groups + g]) * scale(n, g); }
 };
 
-// out[r][m] = the lanes of acc[r][m] summed, plus the zero terms: sum_g offset[n_r, g] * xsum[m, g].
+// out[r][m] = the lanes of acc[r][m] summed, plus the zero terms: sum_g offset[n_r, g] * xsum[m, g],
+// kWidth groups a step (a scalar loop here cost a third of the kernel's time on AVX2).
 template <int R, int MX>
 void int4_finish(vec (*acc)[MX], const GroupTerms& terms, const float* xsum, int64_t groups, int64_t n, int64_t stride,
                  float (*out)[MX]) {
-  for (int r = 0; r < R; ++r)
+  for (int r = 0; r < R; ++r) {
+    const int64_t row = n + r * stride;
+    const c10::Half* s = terms.s + row * groups;
+    const uint8_t* z = terms.z + row * groups;
     for (int m = 0; m < MX; ++m) {
-      float s = sum(acc[r][m]);
-      for (int64_t g = 0; g < groups; ++g) s += terms.offset(n + r * stride, g) * xsum[m * groups + g];
-      out[r][m] = s;
+      vec zs = zero();  // sum_g zero * scale * xsum: offset = -zero * scale
+      int64_t g = 0;
+      for (; g + kWidth <= groups; g += kWidth) zs = fma(load(z + g) * load(s + g), load(xsum + m * groups + g), zs);
+      float total = sum(acc[r][m]) - sum(zs);
+      for (; g < groups; ++g) total += terms.offset(row, g) * xsum[m * groups + g];
+      out[r][m] = total;
     }
+  }
 }
 
 // The start of every int4 kernel: the R rows of W it walks, and their accumulators at 0.
@@ -455,22 +465,18 @@ void dot_rows_int4_wide(const BlockedX& bx, int64_t m0, const float* xsum, const
 
 #endif
 
-#if defined(__AVX512F__)
-// Where the CPU has AVX512_VNNI and groups are a multiple of 128: x as int8 per group (a power-of-two
-// scale, so each element is off by at most 2^-6 of its group's largest |x|), and vpdpbusd multiplies
-// 64 unsigned nibbles by 64 signed bytes and adds them in fours into 16 int32 lanes, one instruction:
-// 128 weights in 6 where the int16 path takes 14. This is llama.cpp's Q4 x Q8 design, with the group's
-// own scale. 64 packed bytes are 4 blocks: their low nibbles are channels 0-15, 32-47, 64-79, 96-111
-// of the 128, their high ones the rest; x is put in that order when it is rounded (int8_groups).
-#define INT4_VNNI __attribute__((target("avx512vnni,avx512bw")))
-constexpr int64_t kVnniSpan = 128;
-
+// bfloat16 x as int8 per group where the host multiplies unsigned by signed bytes in one instruction
+// (AVX512_VNNI's vpdpbusd, AVX2's vpmaddubsw): a power-of-two scale a group, so each element is off by
+// at most 2^-6 of its group's largest |x|, the nibbles meet x as bytes, and a group's products sum in
+// integers. This is llama.cpp's Q4 x Q8 design, with the group's own scale. The packed bytes of one
+// span (128 channels on AVX-512, 64 on AVX2) hold in their low nibbles channels 0-15, 32-47, ... and in
+// their high ones 16-31, 48-63, ...: x is put in that order when it is rounded, so no lane moves.
 struct Int8X {
-  std::vector<int8_t> q;     // [M, K], each 128 in the nibbles' lane order
+  std::vector<int8_t> q;     // [M, K], each span in the nibbles' lane order
   std::vector<float> scale;  // [M, groups]
 };
 
-Int8X int8_groups(const float* x, int64_t M, int64_t K, int64_t group) {
+Int8X int8_groups(const float* x, int64_t M, int64_t K, int64_t group, int64_t span) {
   Int8X b;
   const int64_t groups = K / group;
   b.q.resize(M * K);
@@ -489,18 +495,25 @@ Int8X int8_groups(const float* x, int64_t M, int64_t K, int64_t group) {
       const int e = std::clamp((amax >> 23) - 126, -100, 128);  // max|x| < 2^e
       b.scale[m * groups + g] = power_of_two(e - 7);
       const float up = power_of_two(7 - e);
-      for (int64_t j = 0; j < group; ++j) {
-        const int64_t span = j / kVnniSpan * kVnniSpan, c = j % kVnniSpan;  // channel c of its 128
-        const int64_t lane = (c % 32 < 16 ? 0 : 64) + c / 32 * 16 + c % 16;
-        q[span + lane] = static_cast<int8_t>(std::clamp<float>(std::nearbyint(p[j] * up), -127.f, 127.f));
+      for (int64_t j = 0; j < group; j += 16) {  // 16 channels from c of their span land side by side
+        const int64_t start = j / span * span, c = j % span;
+        int8_t* lanes = q + start + (c % 32 < 16 ? 0 : span / 2) + c / 32 * 16;
+        for (int64_t i = 0; i < 16; ++i)
+          lanes[i] = static_cast<int8_t>(std::clamp<float>(std::nearbyint(p[j + i] * up), -127.f, 127.f));
       }
     }
   return b;
 }
 
+#if defined(__AVX512F__)
+// AVX512_VNNI, groups of a multiple of 128: vpdpbusd multiplies 64 nibbles by 64 bytes of x and adds
+// them in fours into 16 int32 lanes, one instruction: 128 weights in 6 where the int16 path takes 14.
+#define INT4_VNNI __attribute__((target("avx512vnni,avx512bw")))
+constexpr int64_t kInt8XSpan = 128;
+
 template <int R, int MX>
-INT4_VNNI void dot_rows_int4_vnni(const Int8X& xq, int64_t m0, const float* xsum, const uint8_t* w, const GroupTerms& terms, int64_t K, int64_t groups, int64_t n, int64_t stride,
-                                  float (*out)[MX]) {
+INT4_VNNI void dot_rows_int4_int8x(const Int8X& xq, int64_t m0, const float* xsum, const uint8_t* w, const GroupTerms& terms, int64_t K,
+                                   int64_t groups, int64_t n, int64_t stride, float (*out)[MX]) {
   const int64_t group = K / groups;
   const uint8_t* row[R];
   vec acc[R][MX];
@@ -510,7 +523,7 @@ INT4_VNNI void dot_rows_int4_vnni(const Int8X& xq, int64_t m0, const float* xsum
     ivec part[R][MX];
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < MX; ++m) part[r][m] = izero();
-    for (int64_t k = g * group; k < (g + 1) * group; k += kVnniSpan) {
+    for (int64_t k = g * group; k < (g + 1) * group; k += kInt8XSpan) {
       __m512i xl[MX], xh[MX];
       for (int m = 0; m < MX; ++m) {
         xl[m] = _mm512_loadu_si512(xq.q.data() + (m0 + m) * K + k);
@@ -527,13 +540,58 @@ INT4_VNNI void dot_rows_int4_vnni(const Int8X& xq, int64_t m0, const float* xsum
   int4_finish<R, MX>(acc, terms, xsum + m0 * groups, groups, n, stride, out);
 }
 
-bool host_has_vnni() {
-  static const bool has = __builtin_cpu_supports("avx512vnni");
-  return has;
+bool int4_int8_x(int64_t group) {
+  static const bool vnni = __builtin_cpu_supports("avx512vnni");
+  return vnni && group % kInt8XSpan == 0;
 }
 #else
-struct Int8X {};
-bool host_has_vnni() { return false; }
+// AVX2, groups of a multiple of 64: vpmaddubsw multiplies 32 nibbles by 32 bytes of x and adds them
+// in pairs into int16 lanes (at most 2 * 15 * 127 = 3810, no saturation); up to 256 channels' pairs
+// are summed in int16 (8 per lane, at most 30480 < 2^15) before vpmaddwd by ones widens them to
+// int32: 64 weights in 8 instructions where the int16 path takes 18 (AMD EPYC without AVX-512, 2
+// threads: the int16 path is bound by arithmetic at 10-12 GB/s of packed weights, int8 rows stream at
+// 27; bench/decode.py).
+constexpr int64_t kInt8XSpan = 64;
+constexpr int64_t kInt16Run = 256;  // channels summed in int16 lanes before widening
+
+template <int R, int MX>
+void dot_rows_int4_int8x(const Int8X& xq, int64_t m0, const float* xsum, const uint8_t* w, const GroupTerms& terms, int64_t K,
+                         int64_t groups, int64_t n, int64_t stride, float (*out)[MX]) {
+  const int64_t group = K / groups;
+  const uint8_t* row[R];
+  vec acc[R][MX];
+  int4_start<R, MX>(w, K, n, stride, row, acc);
+  const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  for (int64_t g = 0; g < groups; ++g) {
+    ivec part[R][MX];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MX; ++m) part[r][m] = izero();
+    for (int64_t run = g * group; run < (g + 1) * group; run += kInt16Run) {
+      __m256i pairs[R][MX];
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < MX; ++m) pairs[r][m] = _mm256_setzero_si256();
+      for (int64_t k = run; k < std::min(run + kInt16Run, (g + 1) * group); k += kInt8XSpan) {
+        __m256i xl[MX], xh[MX];
+        for (int m = 0; m < MX; ++m) {
+          xl[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q.data() + (m0 + m) * K + k));
+          xh[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q.data() + (m0 + m) * K + k + 32));
+        }
+        for (int r = 0; r < R; ++r) {
+          const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[r] + k / 2));
+          const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+          for (int m = 0; m < MX; ++m)
+            pairs[r][m] = _mm256_add_epi16(pairs[r][m], _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl[m]), _mm256_maddubs_epi16(hi, xh[m])));
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < MX; ++m) part[r][m] = _mm256_add_epi32(part[r][m], _mm256_madd_epi16(pairs[r][m], ones));
+    }
+    int4_add_group<R, MX>(acc, part, terms, xq.scale.data() + m0 * groups, groups, g, n, stride);
+  }
+  int4_finish<R, MX>(acc, terms, xsum + m0 * groups, groups, n, stride, out);
+}
+
+bool int4_int8_x(int64_t group) { return group % kInt8XSpan == 0; }
 #endif
 
 template <typename Out>
@@ -542,7 +600,7 @@ struct Gemv4 {
   const float* xsum;  // [M, groups]
   const BlockedX* blocked;  // bfloat16 x: its int16 groups; nullptr: the float path
   bool wide;                // blocked in wide_order (AVX-512, groups of a multiple of 64)
-  const Int8X* x8;          // bfloat16 x as int8 groups where the VNNI path runs; else nullptr
+  const Int8X* x8;          // bfloat16 x as int8 groups where int4_int8_x(group); else nullptr
   const uint8_t* w;
   GroupTerms terms;
   const Out* bias;
@@ -553,11 +611,11 @@ struct Gemv4 {
   void run(int64_t m, int64_t n, int64_t stride) const {
     float out[R][MX];
 #if defined(__AVX512F__)
-    if (x8) dot_rows_int4_vnni<R, MX>(*x8, m, xsum, w, terms, K, groups, n, stride, out);
-    else if (blocked && wide) dot_rows_int4_wide<R, MX>(*blocked, m, xsum, w, terms, K, groups, n, stride, out);
+    if (blocked && wide) dot_rows_int4_wide<R, MX>(*blocked, m, xsum, w, terms, K, groups, n, stride, out);
     else
 #endif
-    if (blocked) dot_rows_int4_blocked<R, MX>(*blocked, m, xsum, w, terms, K, groups, n, stride, out);
+    if (x8) dot_rows_int4_int8x<R, MX>(*x8, m, xsum, w, terms, K, groups, n, stride, out);
+    else if (blocked) dot_rows_int4_blocked<R, MX>(*blocked, m, xsum, w, terms, K, groups, n, stride, out);
     else dot_rows_int4<R, MX>(x + m * K, xsum + m * groups, w, terms, K, groups, n, stride, out);
     for (int r = 0; r < R; ++r)
       for (int i = 0; i < MX; ++i) {
@@ -616,19 +674,19 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   const GroupTerms terms{scale.data_ptr<c10::Half>(), zero.data_ptr<uint8_t>(), groups};
   BlockedX bx;
   Int8X x8;
-  const bool vnni = x.scalar_type() == at::kBFloat16 && kWidth == 16 && group % 128 == 0 && host_has_vnni();
-  const BlockedX* blocked = x.scalar_type() == at::kBFloat16 && !vnni ? &bx : nullptr;
+  const bool int8x = x.scalar_type() == at::kBFloat16 && int4_int8_x(group);
+  const BlockedX* blocked = x.scalar_type() == at::kBFloat16 && !int8x ? &bx : nullptr;
   const bool wide = blocked && kWidth == 16 && group % 64 == 0;
   if (blocked) bx = block_quantize(xp, M, K, group);
 #if defined(__AVX512F__)
   if (wide) wide_order(bx.q);
-  if (vnni) x8 = int8_groups(xp, M, K, group);
 #endif
+  if (int8x) x8 = int8_groups(xp, M, K, group, kInt8XSpan);
   if (y.scalar_type() == at::kFloat) {
-    Gemv4<float>{xp, xsum.data(), blocked, wide, vnni ? &x8 : nullptr, wp, terms, b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K, groups}();
+    Gemv4<float>{xp, xsum.data(), blocked, wide, int8x ? &x8 : nullptr, wp, terms, b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K, groups}();
   } else {
     using B = c10::BFloat16;
-    Gemv4<B>{xp, xsum.data(), blocked, wide, vnni ? &x8 : nullptr, wp, terms, b.defined() ? b.data_ptr<B>() : nullptr, y.data_ptr<B>(), M, N, K, groups}();
+    Gemv4<B>{xp, xsum.data(), blocked, wide, int8x ? &x8 : nullptr, wp, terms, b.defined() ? b.data_ptr<B>() : nullptr, y.data_ptr<B>(), M, N, K, groups}();
   }
   return y;
 }
@@ -683,5 +741,5 @@ TORCH_LIBRARY(OPS_NAMESPACE, m) {
   m.def("gemv(Tensor x, Tensor w, Tensor? scale=None, Tensor? bias=None, bool bf16_dot=True) -> Tensor", gemv);
   m.def("has_bf16_dot() -> bool", [] { return host_has_bf16_dot(); });
   m.def("gemv_int4(Tensor x, Tensor w, Tensor scale, Tensor zero, Tensor? bias=None) -> Tensor", gemv_int4);
-  m.def("has_vnni() -> bool", [] { return host_has_vnni(); });
+  m.def("int4_int8_x(int group) -> bool", [](int64_t group) { return int4_int8_x(group); });
 }

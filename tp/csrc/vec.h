@@ -4,6 +4,7 @@
 // convert), or int8 meets int16 in integer multiply-adds (dot_block: gemv.cpp's blocked int8 path).
 #pragma once
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <immintrin.h>
 
@@ -28,6 +29,10 @@ inline vec load(const c10::BFloat16* p) {
 inline vec load(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
+inline vec load(const uint8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline vec load(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 inline vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline vec maximum(vec a, vec b) { return _mm512_max_ps(a, b); }  // b where either is NaN
 inline vec broadcast(float v) { return _mm512_set1_ps(v); }
@@ -86,6 +91,10 @@ inline vec load(const c10::BFloat16* p) {
 inline vec load(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
+inline vec load(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline vec load(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 inline vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline vec maximum(vec a, vec b) { return _mm256_max_ps(a, b); }  // b where either is NaN
 inline vec broadcast(float v) { return _mm256_set1_ps(v); }
