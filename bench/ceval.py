@@ -1,12 +1,14 @@
 """The precision task with and without prefix reuse (task.prefix_cache), side by side in one run.
 
-Runs `launch/run.py task=precision` through torchrun twice on the same subjects, model and settings,
-then prints the wall time of each, the prompt tokens each sent through the layers (from the task's
-log), the predictions compared one by one, and the largest difference of the A/B/C/D logits between
-the two ways of computing them (in-process, float32, on the first subject).
+Runs `launch/run.py task=precision` through torchrun with and without reuse on the same subjects, model
+and settings, in --rounds K alternated rounds (with/without, then without/with, ...: the host's fast
+and slow spells fall on both alike), then prints each way's wall time (median and range over the
+rounds), the per-round ratio's median and range, the prompt tokens each sent through the layers (from
+the task's log), the predictions compared one by one in every round, and the largest difference of
+the A/B/C/D logits between the two ways of computing them (in-process, float32, on the first subject).
 
-    python bench/ceval.py [--model 830m|tiny] [--subjects a,b,c|all] [--batch-size 8] [--world-size 1]
-                          [--protocol official|atb] [--data-dir DIR] [--workdir DIR]
+    python bench/ceval.py [--rounds 5] [--model 830m|tiny] [--subjects a,b,c|all] [--batch-size 8]
+                          [--world-size 1] [--protocol official|atb] [--data-dir DIR] [--workdir DIR] [--json F]
 
 Data: --data-dir, else $INTERNLM_TP_CEVAL_DIR, else the built-in demo questions (not C-Eval).
 """
@@ -14,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,6 +76,11 @@ def largest_logit_difference(ckpt, data, subject, batch_size) -> tuple[float, in
     return worst, len(prompts)
 
 
+def spread(values: list[float], digits: int) -> str:
+    """median [min-max]"""
+    return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="830m", choices=["830m", "tiny"])
@@ -81,6 +90,8 @@ def main() -> None:
     ap.add_argument("--protocol", default="official", choices=["official", "atb"])
     ap.add_argument("--data-dir", default=os.environ.get("INTERNLM_TP_CEVAL_DIR"))
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--json", default=None)
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-ceval-"))
     data = Path(args.data_dir) if args.data_dir else write_demo_set(work / "demo-questions")
@@ -93,17 +104,31 @@ def main() -> None:
     print(f"CPU: {cpu_description()}")
     print(f"{'built-in demo questions (NOT C-Eval)' if is_demo_set(data) else 'C-Eval val'}: {len(subjects)} subject(s), "
           f"model {args.model}, TP={args.world_size}, batch {args.batch_size}, protocol {args.protocol}, float32")
-    results = {reuse: run_task(ckpt, data, subjects, args, reuse, work / f"run-{reuse}") for reuse in (True, False)}
-    for reuse, (seconds, rows, log) in results.items():
+    seconds = {True: [], False: []}
+    identical = []
+    for r in range(args.rounds):
+        order = (True, False) if r % 2 == 0 else (False, True)
+        results = {reuse: run_task(ckpt, data, subjects, args, reuse, work / f"run-{reuse}") for reuse in order}
+        for reuse in order:
+            seconds[reuse].append(results[reuse][0])
+        same = sum(a["prediction"] == b["prediction"] for a, b in zip(results[True][1], results[False][1]))
+        identical.append(same)
+        print(f"  round {r + 1}: wall with reuse {results[True][0]:.1f} s, without {results[False][0]:.1f} s; "
+              f"predictions identical {same}/{len(results[True][1])}", flush=True)
+    for reuse, (_, rows, log) in results.items():
         m = re.search(r"prompt tokens through the layers: (\d+) with prefix reuse (on|off), (\d+) without "
                       r".*; (\d+) computed with", log)
-        print(f"  prefix_cache={str(reuse).lower():5} wall {seconds:8.1f} s, {len(rows)} questions, "
+        print(f"  prefix_cache={str(reuse).lower():5} wall {spread(seconds[reuse], 1)} s, {len(rows)} questions, "
               f"prompt tokens through the layers {m.group(1) if m else '?'} (of {m.group(3) if m else '?'}; "
               f"{m.group(4) if m else '?'} with left padding)")
-    same = sum(a["prediction"] == b["prediction"] for a, b in zip(results[True][1], results[False][1]))
-    print(f"  predictions identical: {same}/{len(results[True][1])}; "
+    print(f"  predictions identical: {min(identical)}/{len(results[True][1])} in every round; "
           f"order identical: {[(r['subject'], r['id']) for r in results[True][1]] == [(r['subject'], r['id']) for r in results[False][1]]}")
-    print(f"  wall time without / with reuse: {results[False][0] / results[True][0]:.2f}x  (bar >= 3 on the 830M model)")
+    ratios = [b / a for a, b in zip(seconds[True], seconds[False])]
+    print(f"  wall time without / with reuse, per round: {spread(ratios, 2)}x  (bar >= 3 on the 830M model)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"cpu": cpu_description(), "subjects": subjects, "seconds_with": seconds[True],
+                                               "seconds_without": seconds[False], "ratios": ratios,
+                                               "identical": identical, "questions": len(results[True][1])}, indent=1))
     if args.protocol == "official":
         worst, n = largest_logit_difference(ckpt, data, subjects[0], args.batch_size)
         print(f"  largest |A/B/C/D logit difference| with vs without reuse ({subjects[0]}, {n} questions): {worst:.3g}")

@@ -13,12 +13,15 @@ alike:
     (every weight once; int8 + scales; int4 + group scales and zeros) / that rate;
   - ours at TP=1 (2 threads) in float32, bfloat16, weight-only int8 and int4 (groups of 128; both with
     bfloat16 activations, loaded from cuts made once before the rounds), and at TP=2 (2 processes, 1
-    thread each; not int4: the 5504 MLP channels are 43 groups of 128, which 2 ranks cannot share);
+    thread each) for the --tp2 variants (default bfloat16 and int8; not int4: the 5504 MLP channels are
+    43 groups of 128, which 2 ranks cannot share);
   - transformers' `generate` (LlamaForCausalLM, attention_bias=True) on the same checkpoint, float32
     and bfloat16;
   - with --torch-matmuls, ours with torch's matmuls only (INTERNLM_TP_GEMV=torch).
 Each process times one generation of 1 + --new-tokens tokens after a warm-up (next token: the
-difference from a 1-token generation) and one first token at input 512.
+difference from a 1-token generation; ours reports it itself) and then one first token at input 512
+(no warm-up at that length, for either side: a transformers prefill in bfloat16 takes ~20 s on a CPU
+without bfloat16 dot products, and one per process keeps 5 rounds under 15 minutes on 2 cores).
 Reported: per figure the median and the range over the rounds, per ratio the median and the range of
 the per-round ratios (each ratio's two sides from the same round), against the bars (issue 11, SPEC §4;
 issue 25): ours TP=1 within 1.3x of the read roofline in every dtype; bfloat16 tokens/s >= 1.5x
@@ -27,8 +30,8 @@ at 512 no slower than transformers; int4 >= 1.6x our int8's tokens/s; partition 
 <= 0.3 and int4 / float32 <= 0.16. The CPU model and flags come first; --json FILE writes every
 figure of every round, the medians, ranges and bars.
 
-    python bench/decode.py [--rounds 5] [--dtypes float32,bfloat16,int8,int4] [--new-tokens 32]
-                           [--torch-matmuls] [--workdir DIR] [--json FILE]
+    python bench/decode.py [--rounds 5] [--dtypes float32,bfloat16,int8,int4] [--tp2 bfloat16,int8]
+                           [--new-tokens 32] [--torch-matmuls] [--workdir DIR] [--json FILE]
 """
 from __future__ import annotations
 
@@ -159,7 +162,6 @@ def worker_hf(ckpt: str, dtype: str, threads: int, new_tokens: int) -> dict:
     run(PROMPT_LEN, 4)  # warm-up
     one = run(PROMPT_LEN, 1)
     many = run(PROMPT_LEN, 1 + new_tokens)
-    run(PREFILL_LEN, 1)
     prefill = run(PREFILL_LEN, 1)
     return {"next_token_ms": (many - one) * 1e3 / new_tokens, "prefill_512_ms": prefill * 1e3}
 
@@ -177,9 +179,7 @@ def worker_ours(ckpt: str, dtype: str, threads: int, new_tokens: int, quantize: 
     prompt = [_prompt(PROMPT_LEN, SHAPE["vocab_size"])]
     generate(model, prompt, 4, eos_id=-1)  # warm-up
     nxt = generate(model, prompt, 1 + new_tokens, eos_id=-1).next_token_ms
-    long_prompt = [_prompt(PREFILL_LEN, SHAPE["vocab_size"])]
-    generate(model, long_prompt, 1, eos_id=-1)
-    prefill = generate(model, long_prompt, 1, eos_id=-1).first_token_ms
+    prefill = generate(model, [_prompt(PREFILL_LEN, SHAPE["vocab_size"])], 1, eos_id=-1).first_token_ms
     times = torch.tensor([nxt, prefill], dtype=torch.float64)
     if d.world_size > 1:
         dist.all_reduce(times, op=dist.ReduceOp.MAX)
@@ -229,12 +229,12 @@ BARS = {  # ratio name -> (op, limit); every ratio is taken within one round
 }
 
 
-def contenders(labels: list[str], torch_matmuls: bool) -> list[tuple[str, str, str]]:
+def contenders(labels: list[str], tp2: list[str], torch_matmuls: bool) -> list[tuple[str, str, str]]:
     """(key, kind, variant): the processes of one round."""
     out = [("read", "read", "")]
     for v in labels:
         out.append((f"{v}/ours", "ours", v))
-        if v != "int4":
+        if v in tp2 and v != "int4":
             out.append((f"{v}/tp2", "tp2", v))
         if v in ("float32", "bfloat16"):
             out.append((f"{v}/hf", "hf", v))
@@ -298,6 +298,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--dtypes", default="float32,bfloat16,int8,int4", help="any of " + ",".join(VARIANTS))
+    ap.add_argument("--tp2", default="bfloat16,int8", help="the variants also run at TP=2")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--torch-matmuls", action="store_true", help="also ours with torch's matmuls only, each round")
     ap.add_argument("--workdir", default=None, help="keeps the checkpoint and the cuts between runs")
@@ -336,14 +337,18 @@ def main() -> None:
                 shutil.rmtree(target)  # float32 is read from the checkpoint itself: its cut only gives the bytes
             else:
                 cuts[(quantize, world_size)] = target
+        tp2 = args.tp2.split(",")
         print(f"cuts made in {time.perf_counter() - started:.0f} s; {args.rounds} rounds of "
-              f"{len(contenders(labels, args.torch_matmuls))} processes, alternated", flush=True)
+              f"{len(contenders(labels, tp2, args.torch_matmuls))} processes, alternated", flush=True)
         rounds = []
         for i in range(args.rounds):
-            order = contenders(labels, args.torch_matmuls)
+            order = contenders(labels, tp2, args.torch_matmuls)
             if i % 2:
                 order = order[::-1]
-            r = {key: run_one(kind, v, ckpt, cuts, args.new_tokens) for key, kind, v in order}
+            r = {}
+            for key, kind, v in order:
+                t0 = time.perf_counter()
+                r[key] = {**run_one(kind, v, ckpt, cuts, args.new_tokens), "wall_s": time.perf_counter() - t0}
             rounds.append(r)
             print(f"round {i + 1} ({time.perf_counter() - started:.0f} s): read {r['read']['GBps']:.1f} GB/s; "
                   + ", ".join(f"{k} {x['next_token_ms']:.1f}" for k, x in r.items() if k != "read") + " ms a token",

@@ -7,7 +7,7 @@ Per level: requests/s, generated tokens/s, time to first token and time per outp
 median over the rounds with their range. Bars (issue 24): tokens/s at 16 >= 4x at 1 (goal 6x); p99
 time per output token at 16 <= 4x at 1's. Concurrency 1 is one-at-a-time serving of the same prompts.
 
-    python bench/serve.py [--rounds 3] [--ranks 1] [--dtype bfloat16] [--max-tokens 32] [--workdir DIR] [--json F]
+    python bench/serve.py [--rounds 5] [--ranks 1] [--dtype bfloat16] [--max-tokens 32] [--workdir DIR] [--json F]
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def level(client, clients: int, per_client: int, max_tokens: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--ranks", type=int, default=1)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--max-tokens", type=int, default=32)
