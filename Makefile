@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # The main job on the built-in tiny model: cut it for 2 ranks, then C-Eval and inference over 2 processes.
 demo: $(VENV)/.installed
