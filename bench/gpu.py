@@ -1,21 +1,22 @@
 """Batch-1 decode and prefill of an InternLM-7B-shaped model on one CUDA GPU, in one run (run it through
-bench/gpu_check.sh on a lent machine; README "What ran where" has its figures and the card's name).
+bench/gpu_check.sh on a lent machine; docs/performance.md has its figures and the card's name).
 
 The model is built on the GPU with random weights, no checkpoint on disk: transformers'
 LlamaForCausalLM (attention bias, as InternLM-7B) in bfloat16, and ours filled from the same tensors
 through the loader's own `fill` (tp/load.py). Measured, each the best of REPEATS:
   - the HBM read roofline: torch's sum over a 4 GiB buffer, far past the L2 (best of 10);
   - next-token ms at batch 1 (prompt 32, NEW_TOKENS new): ours bfloat16, transformers' `generate`,
-    ours int8 weight-only (weights quantized per row here, as `cut_weights quantize=int8` does);
+    ours int8 weight-only (weights quantized per row here, as `cut_weights quantize=int8` does) and
+    int4 (groups of 128, as `quantize=int4`; on sm80+ through torch's `_weight_int4pack_mm`);
   - first-token ms at a 512-token prompt, ours and transformers';
   - how many of the greedy tokens ours and transformers agree on (bfloat16: kernels round differently;
     the float32 token-for-token check is `pytest --device cuda tests/test_tp_equivalence.py`), and the
     logits' error after a 512-token prompt against transformers in float32 on the same
-    (bfloat16-valued) weights: ours and transformers' in bfloat16, ours int8 and ours float32;
+    (bfloat16-valued) weights: ours and transformers' in bfloat16, ours int8, int4 and float32;
   - the GPU's busy time in a decode step (the profiler's kernel time): what a step would take if the
     host never made the GPU wait;
   - ours eagerly (one Python pass over 32 layers a step) and with the step replayed from a CUDA graph
-    (tp/graphs.py), bfloat16 and int8, and whether the graph's greedy tokens equal the eager ones;
+    (tp/graphs.py), bfloat16, int8 and int4, and whether the graph's greedy tokens equal the eager ones;
     bfloat16 with graphs at batch 8 against batch 1.
 """
 from __future__ import annotations
@@ -71,8 +72,9 @@ def build_transformers(config_dir: Path, device: torch.device):
 
 def build_ours(config_dir: Path, state: dict[str, torch.Tensor], device: torch.device, quantize: str = "none",
                dtype: torch.dtype = torch.bfloat16):
-    """Ours from transformers' tensors (the published names), through the loader's fill; int8 rows
-    quantized here on the GPU."""
+    """Ours from transformers' tensors (the published names), through the loader's fill; int8 rows and
+    int4 groups (of 128, as `cut_weights quantize=int4` makes them) quantized here on the GPU."""
+    from tp import int4
     from tp.config import ModelConfig
     from tp.load import expected_names, fill
     from tp.model import InternLM
@@ -85,6 +87,10 @@ def build_ours(config_dir: Path, state: dict[str, torch.Tensor], device: torch.d
         if name in scales:
             return scales.pop(name)
         if is_quantized(name, quantize):
+            if quantize == "int4":
+                packed, scales[int4.group_scale_name(name)], scales[int4.group_zero_name(name)] = \
+                    int4.quantize_groups(state[name].float(), model.group_size)
+                return packed
             q, scales[scale_name(name)] = quantize_rows(state[name].float())
             return q
         return state[name]
@@ -173,11 +179,11 @@ def time_transformers(model, vocab: int, device: torch.device) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
-    ap.add_argument("--smoke", action="store_true", help="a 2-layer model of hidden 256 on the CPU: checks the "
+    ap.add_argument("--smoke", action="store_true", help="a 2-layer model of hidden 256 (MLP 768: whole int4 groups) on the CPU: checks the "
                                                          "script before it spends GPU time")
     args = ap.parse_args()
     from tp.tiny import TINY_CONFIG
-    shape = {**SHAPE_7B, "hidden_size": 256, "intermediate_size": 688, "num_attention_heads": 4,
+    shape = {**SHAPE_7B, "hidden_size": 256, "intermediate_size": 768, "num_attention_heads": 4,
              "num_hidden_layers": 2, "vocab_size": 1000} if args.smoke else SHAPE_7B
     if args.smoke:
         device, name = torch.device("cpu"), "CPU (smoke run)"
@@ -211,11 +217,12 @@ def main() -> None:
         result["transformers_bf16"] = time_transformers(hf, vocab, device)
         print("transformers bfloat16:", {k: v for k, v in result["transformers_bf16"].items() if k != "tokens"}, flush=True)
         int8 = build_ours(config_dir, state, device, "int8")  # the same weights, quantized per row
+        q4 = build_ours(config_dir, state, device, "int4")  # and in groups of 128 (CUDA: _weight_int4pack_mm)
         del state
         # logits after a 512-token prompt against transformers in float32 on the same (bfloat16-valued) weights
         ids = prompt(PREFILL_LEN, vocab, seed=1)
         got = {"ours bfloat16": last_logits(ours, ids), "transformers bfloat16": last_logits(hf, ids, True),
-               "ours int8": last_logits(int8, ids)}
+               "ours int8": last_logits(int8, ids), "ours int4": last_logits(q4, ids)}
         del ours
         exact = last_logits(hf.float(), ids, True)
         if device.type == "cuda":
@@ -235,6 +242,12 @@ def main() -> None:
         result["ours_int8"] = time_ours(int8, vocab)
         if graphs:
             result["ours_int8_graphs"] = time_ours(int8, vocab, graphs=True)
+        int8.graphs = None
+        del int8
+        result["int4_step_GB"] = q4.decode_weight_bytes(1) / 1e9
+        result["ours_int4"] = time_ours(q4, vocab)
+        if graphs:
+            result["ours_int4_graphs"] = time_ours(q4, vocab, graphs=True)
     report(result)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
@@ -248,10 +261,13 @@ def report(r: dict) -> None:
           f"({roof_ms / ours['next_token_ms']:.0%} of the read roofline's {roof_ms:.2f} ms), "
           f"transformers generate {hf['next_token_ms']:.2f} ms (ours {hf['next_token_ms'] / ours['next_token_ms']:.2f}x), "
           f"ours int8 {int8['next_token_ms']:.2f} ms ({r['int8_step_GB']:.2f} GB a step)")
+    q4 = r["ours_int4"]
+    print(f"ours int4 {q4['next_token_ms']:.2f} ms ({r['int4_step_GB']:.2f} GB a step; "
+          f"{int8['next_token_ms'] / q4['next_token_ms']:.2f}x int8's tokens/s)")
     print(f"first token at {PREFILL_LEN}: ours {ours['prefill_512_ms']:.1f} ms, transformers {hf['prefill_512_ms']:.1f} ms, "
-          f"ours int8 {int8['prefill_512_ms']:.1f} ms")
+          f"ours int8 {int8['prefill_512_ms']:.1f} ms, ours int4 {q4['prefill_512_ms']:.1f} ms")
     print(f"greedy tokens, ours and transformers in bfloat16: the first {agree} of {len(ours['tokens'])} agree")
-    busy = [(name, x["gpu_busy_ms_per_step"]) for name, x in (("bfloat16", ours), ("int8", int8))]
+    busy = [(name, x["gpu_busy_ms_per_step"]) for name, x in (("bfloat16", ours), ("int8", int8), ("int4", q4))]
     if all(ms is not None for _, ms in busy):
         print("GPU busy per decode step (kernel time): " + ", ".join(f"ours {n} {ms:.2f} ms" for n, ms in busy))
     if "ours_bf16_graphs" not in r:
@@ -261,7 +277,10 @@ def report(r: dict) -> None:
     print(f"with graphs: bfloat16 {g['next_token_ms']:.2f} ms ({roof_ms / g['next_token_ms']:.0%} of the roofline, "
           f"{hf['next_token_ms'] / g['next_token_ms']:.2f}x transformers; bars >= 75% and >= 2.5x), "
           f"int8 {g8['next_token_ms']:.2f} ms ({g['next_token_ms'] / g8['next_token_ms']:.2f}x our bfloat16; bar >= 1.4x)")
-    print(f"graph tokens equal eager tokens: bfloat16 {g['tokens'] == ours['tokens']}, int8 {g8['tokens'] == int8['tokens']}")
+    g4 = r["ours_int4_graphs"]
+    print(f"with graphs: int4 {g4['next_token_ms']:.2f} ms ({g8['next_token_ms'] / g4['next_token_ms']:.2f}x our int8's tokens/s)")
+    print(f"graph tokens equal eager tokens: bfloat16 {g['tokens'] == ours['tokens']}, int8 {g8['tokens'] == int8['tokens']}, "
+          f"int4 {g4['tokens'] == q4['tokens']}")
     b8 = r["ours_bf16_graphs_batch8_ms"]
     print(f"batch 8 with graphs, bfloat16: {b8:.2f} ms a step, {8 * g['next_token_ms'] / b8:.2f}x batch 1's tokens/s "
           f"(bar >= 5x)")

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The CUDA path end to end, in one prepared run on a lent GPU machine (its python3 has torch with CUDA,
 # transformers, sentencepiece, safetensors, pytest; hydra-core, omegaconf and antlr4 travel as wheels in
-# .whl/, see README "What ran where"). Each step's log lands in $OUT; a failed step does not stop the rest.
+# .whl/, see docs/performance.md). Each step's log lands in $OUT; a failed step does not stop the rest.
 #   1. tests/test_tp_equivalence.py --device cuda: ours on the GPU (NCCL, a rank per GPU) against
 #      transformers in float32, greedy tokens and logits;
 #   2. the launcher on device=cuda with the tiny model (graphs=auto: the decode step replayed from a
 #      CUDA graph): task=inference, precision (the demo questions), performance;
-#   3. bench/gpu.py: the InternLM-7B shape in bfloat16 and int8, eager and with graphs, against the read
+#   3. bench/gpu.py: the InternLM-7B shape in bfloat16, int8 and int4, eager and with graphs, against the read
 #      roofline and transformers, graph tokens against eager tokens.
 # Check it on the CPU first: python bench/gpu.py --smoke.
 set -u

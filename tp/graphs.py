@@ -1,7 +1,7 @@
 """The decode step captured once as a graph on an accelerator and replayed every step after.
 
 Eager, a step on a GPU is mostly the host: on an H200 the InternLM-7B-shaped bfloat16 step took
-13.4 ms of which the GPU was busy 5.3 ms (README). The step is static (tp.model.DecodeStep: fixed
+13.4 ms of which the GPU was busy 5.3 ms (docs/performance.md). The step is static (tp.model.DecodeStep: fixed
 shapes, inputs written in place, nothing read back), so its kernels, the all-reduces included, can
 be recorded once and launched as one: CUDA graphs (torch.cuda), and NPU graphs (torch_npu's
 torch.npu.NPUGraph, the same interface) where tp.routing.graphs_route allows.

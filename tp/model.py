@@ -32,7 +32,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # As transformers' LlamaRMSNorm: normalise in float32, round to the input dtype, then scale.
         # On the CPU, any number of rows: the same in one call of tp/csrc/rms_norm.cpp instead of seven
-        # (prefill too: with swiglu in MLP, ~1% of a float32 prefill at 512 positions, README Performance).
+        # (prefill too: with swiglu in MLP, ~1% of a float32 prefill at 512 positions, docs/performance.md).
         op = cpu_kernels.op_for("rms_norm", x)
         if op is not None:
             return op(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.eps).view(x.shape)

@@ -1,7 +1,7 @@
 """Weight-only int8 for decode rows on a GPU, dequantized inside the matmul: a Triton kernel.
 
 Without it, each CUDA step converted every int8 weight to bfloat16 in memory and then multiplied
-(tp.quant.dequantized_linear): on an H200 that made int8 2.4-2.7x slower than bfloat16 (README), the
+(tp.quant.dequantized_linear): on an H200 that made int8 2.4-2.7x slower than bfloat16 (docs/performance.md), the
 opposite of its point. Here each weight byte is read once, widened in registers, and multiplied:
 a step reads half of bfloat16's bytes. (torch's own _weight_int8pack_mm on CUDA runs one thread per
 output with the weight rows read K apart, uncoalesced; not a route.)
