@@ -268,7 +268,7 @@ def _path_without_ninja(tmp_path: Path) -> str:
 
 def test_fresh_build_with_no_ninja_on_path_uses_the_venvs(tmp_path):
     """`.venv/bin/torchrun` runs with the venv's bin/ off PATH; the build finds the ninja pip put there.
-    Slow by nature (40-60 s on 2 cores): it compiles the kernel sources from nothing, which is what it tests."""
+    Slow by nature (40-70 s on 2 cores): it compiles the kernel sources from nothing, which is what it tests."""
     assert (Path(sys.executable).parent / "ninja").exists(), "ninja is a declared dependency"
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "PATH": _path_without_ninja(tmp_path),
            kernels.ENV: "auto"}
@@ -282,7 +282,7 @@ def test_build_waits_for_a_live_build_and_clears_a_dead_ones_lock(tmp_path):
     """cpp_extension waits forever on the `lock` file of a build killed mid-way (a hang, not an
     error). Ours takes an flock first, which dies with its process: while another process holds it,
     we wait; once we hold it, a leftover `lock` is removed and the build goes on.
-    Slow by nature (40-60 s on 2 cores): it compiles the kernel sources from nothing, which is what it tests."""
+    Slow by nature (40-70 s on 2 cores): it compiles the kernel sources from nothing, which is what it tests."""
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), kernels.ENV: "auto"}
     directory = tmp_path / kernels._build_directory(HOST_ISA).name
     directory.mkdir()
@@ -377,7 +377,7 @@ def test_every_isa_build_compiles_on_this_host(isa, tmp_path):
     """Each ISA's branch of tp/csrc (vec.h picks it by the compiler's flags) compiles with the flags
     cpu_kernels uses, whether or not this CPU can run it: an AVX2 host still checks the AVX-512 code
     it cannot execute (the tests above run the build the host has).
-    Slow by nature (40-60 s on 2 cores): it compiles the kernel sources from nothing, which is what it tests."""
+    Slow by nature (40-70 s on 2 cores): it compiles the kernel sources from nothing, which is what it tests."""
     from torch.utils.cpp_extension import include_paths
     includes = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
     for source in kernels._SOURCES:
