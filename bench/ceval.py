@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.decode import SHAPE, cpu_description  # noqa: E402
+from bench.decode import SHAPE, cpu_description, shown  # noqa: E402
 from launch.precision import answer_ids, encode_prompt  # noqa: E402
 from tp import ceval  # noqa: E402
 from tp.demo_data import is_demo_set, write_demo_set  # noqa: E402
@@ -76,11 +75,6 @@ def largest_logit_difference(ckpt, data, subject, batch_size) -> tuple[float, in
     return worst, len(prompts)
 
 
-def spread(values: list[float], digits: int) -> str:
-    """median [min-max]"""
-    return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="830m", choices=["830m", "tiny"])
@@ -118,13 +112,13 @@ def main() -> None:
     for reuse, (_, rows, log) in results.items():
         m = re.search(r"prompt tokens through the layers: (\d+) with prefix reuse (on|off), (\d+) without "
                       r".*; (\d+) computed with", log)
-        print(f"  prefix_cache={str(reuse).lower():5} wall {spread(seconds[reuse], 1)} s, {len(rows)} questions, "
+        print(f"  prefix_cache={str(reuse).lower():5} wall {shown(seconds[reuse], 1)} s, {len(rows)} questions, "
               f"prompt tokens through the layers {m.group(1) if m else '?'} (of {m.group(3) if m else '?'}; "
               f"{m.group(4) if m else '?'} with left padding)")
     print(f"  predictions identical: {min(identical)}/{len(results[True][1])} in every round; "
           f"order identical: {[(r['subject'], r['id']) for r in results[True][1]] == [(r['subject'], r['id']) for r in results[False][1]]}")
     ratios = [b / a for a, b in zip(seconds[True], seconds[False])]
-    print(f"  wall time without / with reuse, per round: {spread(ratios, 2)}x  (bar >= 3 on the 830M model)")
+    print(f"  wall time without / with reuse, per round: {shown(ratios, 2)}x  (bar >= 3 on the 830M model)")
     if args.json:
         Path(args.json).write_text(json.dumps({"cpu": cpu_description(), "subjects": subjects, "seconds_with": seconds[True],
                                                "seconds_without": seconds[False], "ratios": ratios,

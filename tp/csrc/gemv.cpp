@@ -548,9 +548,9 @@ bool int4_int8_x(int64_t group) {
 // AVX2, groups of a multiple of 64: vpmaddubsw multiplies 32 nibbles by 32 bytes of x and adds them
 // in pairs into int16 lanes (at most 2 * 15 * 127 = 3810, no saturation); up to 256 channels' pairs
 // are summed in int16 (8 per lane, at most 30480 < 2^15) before vpmaddwd by ones widens them to
-// int32: 64 weights in 8 instructions where the int16 path takes 18 (AMD EPYC without AVX-512, 2
-// threads: the int16 path is bound by arithmetic at 10-12 GB/s of packed weights, int8 rows stream at
-// 27; bench/decode.py).
+// int32: 64 weights in 8 instructions where the int16 path takes 18 (AMD EPYC without AVX-512, the 827M
+// model's 33 matrices, 2 threads: the int16 path is bound by arithmetic at 9-12 GB/s of packed weights,
+// this one streams 24, int8 rows 30; docs/performance.md).
 constexpr int64_t kInt8XSpan = 64;
 constexpr int64_t kInt16Run = 256;  // channels summed in int16 lanes before widening
 
