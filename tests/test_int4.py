@@ -62,7 +62,8 @@ def test_groups_must_be_whole_blocks_and_row_splits_whole_groups():
 
 @pytest.mark.parametrize("isa", RUNNABLE_ISAS)
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows,k,group", [(1, 2048, 128), (2, 256, 32), (3, 512, 128), (5, 128, 64), (16, 1024, 128)])
+@pytest.mark.parametrize("rows,k,group", [(1, 2048, 128), (2, 256, 32), (3, 512, 128), (5, 128, 64), (16, 1024, 128),
+                                          (2, 1536, 384)])  # 384: runs of 256 + 128 (no unrolled span count)
 def test_int4_kernel_is_float32_exact_up_to_summation_rounding(isa, x_dtype, rows, k, group):
     op = kernels.build(isa).gemv_int4
     g = torch.Generator().manual_seed(rows * 100 + k)

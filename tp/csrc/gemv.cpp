@@ -498,8 +498,7 @@ Int8X int8_groups(const float* x, int64_t M, int64_t K, int64_t group, int64_t s
       for (int64_t j = 0; j < group; j += 16) {  // 16 channels from c of their span land side by side
         const int64_t start = j / span * span, c = j % span;
         int8_t* lanes = q + start + (c % 32 < 16 ? 0 : span / 2) + c / 32 * 16;
-        for (int64_t i = 0; i < 16; ++i)
-          lanes[i] = static_cast<int8_t>(std::clamp<float>(std::nearbyint(p[j + i] * up), -127.f, 127.f));
+        round16_int8(p + j, up, lanes);
       }
     }
   return b;
@@ -548,47 +547,68 @@ bool int4_int8_x(int64_t group) {
 // AVX2, groups of a multiple of 64: vpmaddubsw multiplies 32 nibbles by 32 bytes of x and adds them
 // in pairs into int16 lanes (at most 2 * 15 * 127 = 3810, no saturation); up to 256 channels' pairs
 // are summed in int16 (8 per lane, at most 30480 < 2^15) before vpmaddwd by ones widens them to
-// int32: 64 weights in 8 instructions where the int16 path takes 18 (AMD EPYC without AVX-512, the 827M
-// model's 33 matrices, 2 threads: the int16 path is bound by arithmetic at 9-12 GB/s of packed weights,
-// this one streams 24, int8 rows 30; docs/performance.md).
+// int32: 64 weights in 8 instructions where the int16 path takes 18.
+// Groups of 64 and 128 (SPANS 1 and 2) are unrolled when compiled: the generic loops over runs and
+// spans of a runtime group size cost as much as the products here (spills and loop exits twice a
+// group of 128). AMD EPYC (Zen 3, AVX2), 2 threads, group 128, x bfloat16: 2048 x 5504 in cache
+// 33 -> 45 GB/s of packed weights, 32768 x 2048 from memory 28 -> 32.5 (int8 rows: 31).
 constexpr int64_t kInt8XSpan = 64;
 constexpr int64_t kInt16Run = 256;  // channels summed in int16 lanes before widening
 
-template <int R, int MX>
-void dot_rows_int4_int8x(const Int8X& xq, int64_t m0, const float* xsum, const uint8_t* w, const GroupTerms& terms, int64_t K,
-                         int64_t groups, int64_t n, int64_t stride, float (*out)[MX]) {
+template <int R, int MX, int SPANS>
+void dot_rows_int4_int8x_avx2(const Int8X& xq, int64_t m0, const float* xsum, const uint8_t* w, const GroupTerms& terms,
+                              int64_t K, int64_t groups, int64_t n, int64_t stride, float (*out)[MX]) {
   const int64_t group = K / groups;
   const uint8_t* row[R];
   vec acc[R][MX];
   int4_start<R, MX>(w, K, n, stride, row, acc);
   const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-  for (int64_t g = 0; g < groups; ++g) {
-    ivec part[R][MX];
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < MX; ++m) part[r][m] = izero();
-    for (int64_t run = g * group; run < (g + 1) * group; run += kInt16Run) {
-      __m256i pairs[R][MX];
-      for (int r = 0; r < R; ++r)
-        for (int m = 0; m < MX; ++m) pairs[r][m] = _mm256_setzero_si256();
-      for (int64_t k = run; k < std::min(run + kInt16Run, (g + 1) * group); k += kInt8XSpan) {
-        __m256i xl[MX], xh[MX];
-        for (int m = 0; m < MX; ++m) {
-          xl[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q.data() + (m0 + m) * K + k));
-          xh[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q.data() + (m0 + m) * K + k + 32));
-        }
-        for (int r = 0; r < R; ++r) {
-          const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[r] + k / 2));
-          const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
-          for (int m = 0; m < MX; ++m)
-            pairs[r][m] = _mm256_add_epi16(pairs[r][m], _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl[m]), _mm256_maddubs_epi16(hi, xh[m])));
-        }
+  const int8_t* x8 = xq.q.data() + m0 * K;
+  // pairs[r][m] (+)= the int16 pair sums of the span of 64 channels from k; `first` starts them.
+  auto span = [&](int64_t k, __m256i (*pairs)[MX], bool first) {
+    __m256i xl[MX], xh[MX];
+    for (int m = 0; m < MX; ++m) {
+      xl[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x8 + m * K + k));
+      xh[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x8 + m * K + k + 32));
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[r] + k / 2));
+      const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+      for (int m = 0; m < MX; ++m) {
+        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl[m]), _mm256_maddubs_epi16(hi, xh[m]));
+        pairs[r][m] = first ? p : _mm256_add_epi16(pairs[r][m], p);
       }
+    }
+  };
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i pairs[R][MX];
+    ivec part[R][MX];
+    if constexpr (SPANS > 0) {
+      for (int s = 0; s < SPANS; ++s) span(g * group + s * kInt8XSpan, pairs, s == 0);
       for (int r = 0; r < R; ++r)
-        for (int m = 0; m < MX; ++m) part[r][m] = _mm256_add_epi32(part[r][m], _mm256_madd_epi16(pairs[r][m], ones));
+        for (int m = 0; m < MX; ++m) part[r][m] = _mm256_madd_epi16(pairs[r][m], ones);
+    } else {
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < MX; ++m) part[r][m] = izero();
+      for (int64_t run = g * group; run < (g + 1) * group; run += kInt16Run) {
+        for (int64_t k = run; k < std::min(run + kInt16Run, (g + 1) * group); k += kInt8XSpan) span(k, pairs, k == run);
+        for (int r = 0; r < R; ++r)
+          for (int m = 0; m < MX; ++m) part[r][m] = _mm256_add_epi32(part[r][m], _mm256_madd_epi16(pairs[r][m], ones));
+      }
     }
     int4_add_group<R, MX>(acc, part, terms, xq.scale.data() + m0 * groups, groups, g, n, stride);
   }
   int4_finish<R, MX>(acc, terms, xsum + m0 * groups, groups, n, stride, out);
+}
+
+template <int R, int MX>
+void dot_rows_int4_int8x(const Int8X& xq, int64_t m0, const float* xsum, const uint8_t* w, const GroupTerms& terms, int64_t K,
+                         int64_t groups, int64_t n, int64_t stride, float (*out)[MX]) {
+  switch (K / groups) {
+    case 64: return dot_rows_int4_int8x_avx2<R, MX, 1>(xq, m0, xsum, w, terms, K, groups, n, stride, out);
+    case 128: return dot_rows_int4_int8x_avx2<R, MX, 2>(xq, m0, xsum, w, terms, K, groups, n, stride, out);
+    default: return dot_rows_int4_int8x_avx2<R, MX, 0>(xq, m0, xsum, w, terms, K, groups, n, stride, out);
+  }
 }
 
 bool int4_int8_x(int64_t group) { return group % kInt8XSpan == 0; }
@@ -663,12 +683,12 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   std::vector<float> widened;
   const float* xp = x.scalar_type() == at::kFloat ? x.data_ptr<float>() : widen(x, widened);
   const int64_t group = K / groups;
-  std::vector<float> xsum(M * groups);
+  std::vector<float> xsum(M * groups);  // in kWidth lanes: a scalar sum is one long chain of adds
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < groups; ++g) {
-      float s = 0;
-      for (int64_t k = g * group; k < (g + 1) * group; ++k) s += xp[m * K + k];
-      xsum[m * groups + g] = s;
+      vec s = cpu_vec::zero();  // `zero` is the tensor here
+      for (int64_t k = g * group; k < (g + 1) * group; k += kWidth) s = add(s, load(xp + m * K + k));
+      xsum[m * groups + g] = sum(s);
     }
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const GroupTerms terms{scale.data_ptr<c10::Half>(), zero.data_ptr<uint8_t>(), groups};

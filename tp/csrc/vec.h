@@ -34,6 +34,7 @@ inline vec load(const uint8_t* p) {
 }
 inline vec load(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 inline vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
 inline vec maximum(vec a, vec b) { return _mm512_max_ps(a, b); }  // b where either is NaN
 inline vec broadcast(float v) { return _mm512_set1_ps(v); }
 inline void store(float* p, vec v) { _mm512_storeu_ps(p, v); }
@@ -58,6 +59,12 @@ inline void round_block(const float* p, float up, int16_t* q) {
   for (int h = 0; h < 2; ++h)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 16 * h),
                         _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(p + 16 * h), u))));
+}
+// q = round(x * up) for 16 elements, clamped to [-127, 127] (round to nearest even, as nearbyint).
+inline void round16_int8(const float* p, float up, int8_t* q) {
+  const __m512 v = _mm512_max_ps(_mm512_min_ps(_mm512_mul_ps(_mm512_loadu_ps(p), _mm512_set1_ps(up)), _mm512_set1_ps(127.f)),
+                                 _mm512_set1_ps(-127.f));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
 }
 // The block's 32 products summed in pairs, 16 lanes of float32.
 inline vec dot_block(i16_block a, i16_block b) { return _mm512_cvtepi32_ps(_mm512_madd_epi16(a.v, b.v)); }
@@ -96,6 +103,7 @@ inline vec load(const uint8_t* p) {
 }
 inline vec load(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 inline vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
 inline vec maximum(vec a, vec b) { return _mm256_max_ps(a, b); }  // b where either is NaN
 inline vec broadcast(float v) { return _mm256_set1_ps(v); }
 inline void store(float* p, vec v) { _mm256_storeu_ps(p, v); }
@@ -122,6 +130,13 @@ inline void round_block(const float* p, float up, int16_t* q) {
     // packs works per 128-bit lane: a0-3 b0-3 a4-7 b4-7; the permute puts a before b.
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 16 * h), _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xd8));
   }
+}
+inline void round16_int8(const float* p, float up, int8_t* q) {
+  const __m256 u = _mm256_set1_ps(up), top = _mm256_set1_ps(127.f), bottom = _mm256_set1_ps(-127.f);
+  const __m256i a = _mm256_cvtps_epi32(_mm256_max_ps(_mm256_min_ps(_mm256_mul_ps(_mm256_loadu_ps(p), u), top), bottom));
+  const __m256i b = _mm256_cvtps_epi32(_mm256_max_ps(_mm256_min_ps(_mm256_mul_ps(_mm256_loadu_ps(p + 8), u), top), bottom));
+  const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xd8);  // as round_block: a before b
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
 }
 struct i16_block { __m256i lo, hi; };
 inline i16_block load_block(const int16_t* p) {
