@@ -74,11 +74,10 @@ def build_ours(config_dir: Path, state: dict[str, torch.Tensor], device: torch.d
                dtype: torch.dtype = torch.bfloat16):
     """Ours from transformers' tensors (the published names), through the loader's fill; int8 rows and
     int4 groups (of 128, as `cut_weights quantize=int4` makes them) quantized here on the GPU."""
-    from tp import int4
     from tp.config import ModelConfig
     from tp.load import expected_names, fill
     from tp.model import InternLM
-    from tp.quant import is_quantized, quantize_rows, scale_name
+    from tp.quant import is_quantized, quantize_weight
     cfg = ModelConfig.load(config_dir)
     model = InternLM(cfg, 0, 1, dtype, device, quantize=quantize)
     scales: dict[str, torch.Tensor] = {}
@@ -87,12 +86,8 @@ def build_ours(config_dir: Path, state: dict[str, torch.Tensor], device: torch.d
         if name in scales:
             return scales.pop(name)
         if is_quantized(name, quantize):
-            if quantize == "int4":
-                packed, scales[int4.group_scale_name(name)], scales[int4.group_zero_name(name)] = \
-                    int4.quantize_groups(state[name].float(), model.group_size)
-                return packed
-            q, scales[scale_name(name)] = quantize_rows(state[name].float())
-            return q
+            scales.update(quantize_weight(name, state[name], quantize, model.group_size))
+            return scales.pop(name)
         return state[name]
 
     fill(model, local, expected_names(cfg, quantize))

@@ -16,7 +16,8 @@ from tp.graphs import enabled as graphs_enabled
 from tp.model import InternLM
 from tp.partition import is_cut, open_partition
 from tp import int4
-from tp.quant import check_choice, is_quantized, lm_head_quantized, quantize_rows, scale_name, stored_names
+from tp.quant import (check_choice, is_quantized, lm_head_quantized, quantize_rows, quantize_weight, scale_name,
+                      stored_names)
 from tp.layout import lm_head_name, source_names, targets
 from tp.split import pad_rows, shard_bounds, split_of
 
@@ -158,9 +159,9 @@ def load_model(path: str | Path, rank: int = 0, world_size: int = 1, device: tor
             return scales.pop(name)
         if is_quantized(name, quantize, quantize_lm_head, quantize_embedding) and not published:
             if quantize == "int4":  # groups lie within a rank's slice: quantize just that
-                packed, scales[int4.group_scale_name(name)], scales[int4.group_zero_name(name)] = int4.quantize_groups(
-                    read_shard(source, name, rank, world_size, padded, kv), group_size)
-                return packed
+                scales.update(quantize_weight(name, read_shard(source, name, rank, world_size, padded, kv),
+                                              quantize, group_size))
+                return scales.pop(name)
             q, scales[scale_name(name)] = read_quantized_shard(source, name, rank, world_size, padded, kv)
             return q
         return read_shard(source, name, rank, world_size, padded, kv)

@@ -58,6 +58,15 @@ def stored_names(name: str, quantize: str, act_order: bool = False) -> list[str]
     return [name, scale_name(name)]
 
 
+def quantize_weight(name: str, w: torch.Tensor, quantize: str, group_size: int = 0) -> dict[str, torch.Tensor]:
+    """The stored tensors (stored_names) of float weight `name` [rows, cols] under `quantize`: int8 rows
+    and their scales, or int4 groups (tp/int4.py) of `group_size`."""
+    if quantize == "int4":
+        from tp import int4
+        return dict(zip(stored_names(name, quantize), int4.quantize_groups(w.float(), group_size)))
+    return dict(zip(stored_names(name, quantize), quantize_rows(w)))
+
+
 def check_choice(quantize: str) -> None:
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize={quantize!r}: expected one of {', '.join(QUANTIZE_CHOICES)}")
