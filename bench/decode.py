@@ -22,6 +22,8 @@ Each process times one generation of 1 + --new-tokens tokens after a warm-up (ne
 difference from a 1-token generation; ours reports it itself) and then one first token at input 512
 (no warm-up at that length, for either side: a transformers prefill in bfloat16 takes ~20 s on a CPU
 without bfloat16 dot products, and one per process keeps 5 rounds under 15 minutes on 2 cores).
+Ours at TP=1 then times its step again with every matmul's output computed once and handed back:
+the step's part outside its matmuls (Python, attention, norms), which no read roofline counts.
 Reported: per figure the median and the range over the rounds, per ratio the median and the range of
 the per-round ratios (each ratio's two sides from the same round), against the bars (issue 11, SPEC §4;
 issue 25): ours TP=1 within 1.3x of the read roofline in every dtype; bfloat16 tokens/s >= 1.5x
@@ -184,9 +186,33 @@ def worker_ours(ckpt: str, dtype: str, threads: int, new_tokens: int, quantize: 
     if d.world_size > 1:
         dist.all_reduce(times, op=dist.ReduceOp.MAX)
     rss = int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) * 1024
+    outside = _outside_matmuls_ms(model, prompt, new_tokens) if d.world_size == 1 else None
     return {"next_token_ms": times[0].item(), "prefill_512_ms": times[1].item(), "rank_rss": rss,
+            "outside_matmuls_ms": outside,
             "rank_weights": model.weight_bytes(), "rank_cache": model.cache_bytes(),
             "decode_bytes": model.decode_weight_bytes(1) * d.world_size}
+
+
+def _outside_matmuls_ms(model, prompt: list[list[int]], new_tokens: int) -> float:
+    """Next-token ms with every matmul's output computed once and then handed back as it is: what a
+    step costs besides its matmuls (Python, attention, norms, the small ops). The tokens are
+    meaningless; only the time is read."""
+    from tp.generate import generate
+    from tp.layers import _Weight
+    real, outputs = _Weight.matmul, {}
+
+    def cached(self, x, bias=None):
+        key = (id(self), tuple(x.shape))
+        if key not in outputs:
+            outputs[key] = real(self, x, bias)
+        return outputs[key]
+
+    _Weight.matmul = cached
+    try:
+        generate(model, prompt, 4, eos_id=-1)
+        return generate(model, prompt, 1 + new_tokens, eos_id=-1).next_token_ms
+    finally:
+        _Weight.matmul = real
 
 
 def worker_cut(ckpt: str, out: str, world_size: int, quantize: str) -> dict:
@@ -386,6 +412,9 @@ def report(rounds: list[dict], labels: list[str], partition: dict, new_tokens: i
             pf = [r[key]["prefill_512_ms"] for r in rounds]
             figures[key] = {"next_token_ms": spread(nt), "prefill_512_ms": spread(pf)}
             print(f"{'':12}{name:34}{shown(nt):>24}{shown(pf, 0):>26}")
+        outside = [r[f"{v}/ours"]["outside_matmuls_ms"] for r in rounds]
+        figures[f"{v}/ours"]["outside_matmuls_ms"] = spread(outside)
+        print(f"{'':12}{'ours TP=1, outside its matmuls':34}{shown(outside):>24}")
         ours = rounds[-1][f"{v}/ours"]
         print(f"{'':12}memory TP=1 rank 0: RSS {ours['rank_rss'] / 1e9:.2f} GB vs weights {ours['rank_weights'] / 1e9:.2f} GB"
               f" + KV cache {ours['rank_cache'] / 1e6:.1f} MB")
