@@ -63,7 +63,8 @@ def test_groups_must_be_whole_blocks_and_row_splits_whole_groups():
 @pytest.mark.parametrize("isa", RUNNABLE_ISAS)
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,k,group", [(1, 2048, 128), (2, 256, 32), (3, 512, 128), (5, 128, 64), (16, 1024, 128),
-                                          (2, 1536, 384)])  # 384: runs of 256 + 128 (no unrolled span count)
+                                          (2, 1536, 384),  # 384: runs of 256 + 128 (no unrolled span count)
+                                          (3, 224, 32)])  # 7 groups of 32: AVX2's pairs of groups, then a last one alone
 def test_int4_kernel_is_float32_exact_up_to_summation_rounding(isa, x_dtype, rows, k, group):
     op = kernels.build(isa).gemv_int4
     g = torch.Generator().manual_seed(rows * 100 + k)
@@ -91,13 +92,29 @@ def test_int4_kernel_is_float32_exact_up_to_summation_rounding(isa, x_dtype, row
         # x as int16 per group (gemv.cpp's BlockedX): each element off by at most 2^-15 of its group's
         # largest |x|, met by q * scale (the offset term takes x's exact group sums); then the output's
         # bfloat16 rounding. Or x as int8 per group, off by at most 2^-6 of the largest: AVX2 for groups
-        # of a multiple of 64, AVX-512 with VNNI for a multiple of 128.
+        # of 32 or a multiple of 64, AVX-512 with VNNI for a multiple of 128.
         int8_x = kernels.build(isa).int4_int8_x(group)
-        assert int8_x == (group % 64 == 0 if isa == "avx2" else group % 128 == 0 and "avx512_vnni" in cpu_flags())
+        assert int8_x == (group == 32 or group % 64 == 0 if isa == "avx2" else group % 128 == 0 and "avx512_vnni" in cpu_flags())
         largest = xs.abs().amax(-1).repeat_interleave(group, dim=1)
         bound = bound + (largest * 2 ** (-6 if int8_x else -15)) @ (q * s.repeat_interleave(group, 1)).abs().t()
         bound = bound + exact.abs() * 2 ** -8
     assert ((y.double() - exact).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("isa", RUNNABLE_ISAS)
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,group", [(96, 32), (128, 64), (256, 128)])
+def test_int4_kernel_carries_nan_and_inf(isa, x_dtype, k, group):
+    """A NaN or an infinity in x leaves its row of y not finite, whichever path rounds x (a group of
+    int8 or int16 x gets no finite scale there), and the other rows as they were."""
+    op = kernels.build(isa).gemv_int4
+    packed, scale, zero = int4.quantize_groups(torch.ones(5, k), group)
+    x = torch.ones(3, k, dtype=x_dtype)
+    x[1, k - 5], x[2, 3] = float("nan"), float("inf")
+    y = op(x, packed, scale, zero, None)
+    expected = int4.dequantize(packed, scale, zero).sum(1)
+    assert torch.allclose(y[0].float(), expected, rtol=1e-2)
+    assert not y[1:].isfinite().any()
 
 
 def test_int4_kernel_refuses_bad_input_with_a_message():
