@@ -179,8 +179,7 @@ def worker_ours(ckpt: str, dtype: str, threads: int, new_tokens: int, quantize: 
     d = init_distributed("cpu", timeout_s=600)
     model = load_model(ckpt, d.rank, d.world_size, d.device, dtype, quantize)
     prompt = [_prompt(PROMPT_LEN, SHAPE["vocab_size"])]
-    generate(model, prompt, 4, eos_id=-1)  # warm-up
-    nxt = generate(model, prompt, 1 + new_tokens, eos_id=-1).next_token_ms
+    nxt = _next_token_ms(model, prompt, new_tokens)
     prefill = generate(model, [_prompt(PREFILL_LEN, SHAPE["vocab_size"])], 1, eos_id=-1).first_token_ms
     times = torch.tensor([nxt, prefill], dtype=torch.float64)
     if d.world_size > 1:
@@ -193,11 +192,17 @@ def worker_ours(ckpt: str, dtype: str, threads: int, new_tokens: int, quantize: 
             "decode_bytes": model.decode_weight_bytes(1) * d.world_size}
 
 
+def _next_token_ms(model, prompt: list[list[int]], new_tokens: int) -> float:
+    """Ours' next-token ms over 1 + new_tokens tokens, after a warm-up generation."""
+    from tp.generate import generate
+    generate(model, prompt, 4, eos_id=-1)
+    return generate(model, prompt, 1 + new_tokens, eos_id=-1).next_token_ms
+
+
 def _outside_matmuls_ms(model, prompt: list[list[int]], new_tokens: int) -> float:
     """Next-token ms with every matmul's output computed once and then handed back as it is: what a
     step costs besides its matmuls (Python, attention, norms, the small ops). The tokens are
     meaningless; only the time is read."""
-    from tp.generate import generate
     from tp.layers import _Weight
     real, outputs = _Weight.matmul, {}
 
@@ -209,8 +214,7 @@ def _outside_matmuls_ms(model, prompt: list[list[int]], new_tokens: int) -> floa
 
     _Weight.matmul = cached
     try:
-        generate(model, prompt, 4, eos_id=-1)
-        return generate(model, prompt, 1 + new_tokens, eos_id=-1).next_token_ms
+        return _next_token_ms(model, prompt, new_tokens)
     finally:
         _Weight.matmul = real
 
