@@ -204,19 +204,25 @@ def _outside_matmuls_ms(model, prompt: list[list[int]], new_tokens: int) -> floa
     step costs besides its matmuls (Python, attention, norms, the small ops). The tokens are
     meaningless; only the time is read."""
     from tp.layers import _Weight
-    real, outputs = _Weight.matmul, {}
+    real, real_call, outputs = _Weight.matmul, _Weight.decode_call, {}
 
-    def cached(self, x, bias=None):
-        key = (id(self), tuple(x.shape))
+    def once(key, compute):
         if key not in outputs:
-            outputs[key] = real(self, x, bias)
+            outputs[key] = compute()
         return outputs[key]
 
-    _Weight.matmul = cached
+    def cached(self, x, bias=None):  # the eager step's matmuls
+        return once((id(self), tuple(x.shape)), lambda: real(self, x, bias))
+
+    def cached_call(self, bias=None):  # the bound step's (tp/cpu_step.py), bound when a request starts
+        call = real_call(self, bias)
+        return None if call is None else lambda x: once((id(self), tuple(x.shape)), lambda: call(x))
+
+    _Weight.matmul, _Weight.decode_call = cached, cached_call
     try:
         return _next_token_ms(model, prompt, new_tokens)
     finally:
-        _Weight.matmul = real
+        _Weight.matmul, _Weight.decode_call = real, real_call
 
 
 def worker_cut(ckpt: str, out: str, world_size: int, quantize: str) -> dict:

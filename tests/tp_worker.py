@@ -36,3 +36,62 @@ def spawn(world_size: int, ckpt, prompts, max_new_tokens, out_dir, dtype="float3
     mp.start_processes(run_rank, args=(world_size, free_port(), str(ckpt), prompts, max_new_tokens,
                                        str(out_dir), dtype, quantize, device), nprocs=world_size, start_method="spawn")
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world_size)]
+
+
+def steps_both_ways(model, prompts: list[list[int]], n: int, rows: int | None = None):
+    """n decode steps from one state (a batch generate() set up), first through decode_eager, then
+    through decode (on the CPU the bound step, tp/cpu_step.py): for each way, per step, the logits and
+    every layer's keys and values. rows: steps over rows [0, rows) of the cache only, as the serving
+    engine runs them (InternLM.cache_rows)."""
+    from tp.generate import generate
+    model.setup_cache(len(prompts), max(len(p) for p in prompts) + 4 + n)
+    generate(model, prompts, 4, eos_id=-1)
+    state = model.step
+
+    def live():
+        return [*state.tensors(), *(t for a in model.attentions() for t in (a.cache.k, a.cache.v))]
+
+    with torch.inference_mode():
+        saved = [t.clone() for t in live()]
+
+        def run(decode):
+            for t, s in zip(live(), saved):
+                t.copy_(s)
+            out = []
+            for _ in range(n):
+                if rows is None:
+                    logits = decode(state).clone()
+                else:
+                    with model.cache_rows(0, rows):
+                        logits = decode(state.first_rows(rows)).clone()
+                state.tokens[:logits.shape[0]] = logits[:, -1].argmax(-1)
+                out.append((logits, [t.clone() for t in live()[5:]]))
+            return out
+        return run(model.decode_eager), run(model.decode)
+
+
+def run_rank_steps(rank: int, world_size: int, port: int, ckpt: str, prompts: list[list[int]], n: int,
+                   out_dir: str, dtype: str, quantize: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from tp.device import init_distributed
+    from tp.load import load_model
+
+    d = init_distributed("cpu", timeout_s=120)
+    model = load_model(ckpt, d.rank, d.world_size, d.device, dtype, quantize, group_size=32)
+    eager, bound = steps_both_ways(model, prompts, n)
+    torch.save({"bound": type(model.bound_step).__name__, "eager": [e[0] for e in eager],
+                "bound_logits": [b[0] for b in bound]}, os.path.join(out_dir, f"rank{rank}.pt"))
+    if world_size > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def spawn_steps(world_size: int, ckpt, prompts, n: int, out_dir, dtype: str, quantize: str) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    from conftest import free_port
+    mp.start_processes(run_rank_steps, args=(world_size, free_port(), str(ckpt), prompts, n, str(out_dir), dtype,
+                                             quantize), nprocs=world_size, start_method="spawn")
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world_size)]

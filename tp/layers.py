@@ -112,6 +112,24 @@ class _Weight(nn.Module):
             self._fused_operands = (route, make())
         return self._fused_operands[1]
 
+    def decode_call(self, bias: torch.Tensor | None = None):
+        """The call `matmul(x, bias)` makes for a few contiguous rows x [M, K] (M <= MAX_ROWS) of the
+        activations' dtype on the CPU, bound to this weight once (tp.cpu_step), or None where the
+        kernels are not built (matmul then takes torch's routes)."""
+        if self.format.kind == "int4":
+            op = cpu_kernels.op("gemv_int4")
+            if op is None:
+                return None
+            w, scale, zero = self.weight, self.weight_group_scale, self.weight_group_zero
+            return lambda x: op(x, w, scale, zero, bias)
+        if self.decode_path is None:
+            self.decode_path = decode_matmul.candidates(self.weight, self.dtype)[0]
+        path, w, scale = self.decode_path, self.weight, self.weight_scale
+        if path == "ours":
+            op = cpu_kernels.gemv()
+            return lambda x: op(x, w, scale, bias)
+        return lambda x: decode_matmul.run(path, x, w, scale, bias)
+
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.format.kind == "int4":
             return self._int4_matmul(x, bias)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tp import cpu_kernels, decode_attention, prefill_attention
+from tp import cpu_kernels, cpu_step, decode_attention, prefill_attention
 from tp.config import ModelConfig
 from tp.cpu_kernels import MAX_ROWS
 from tp.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
@@ -300,6 +300,7 @@ class InternLM(nn.Module):
         self.max_seq, self.rope_len = 0, 0
         self.step: DecodeStep | None = None  # the decode step's inputs, allocated with the cache
         self.graphs = None  # tp.graphs.DecodeGraphs where the step is replayed from a graph
+        self.bound_step = None  # tp.cpu_step's bound step (or decode_eager), bound on the CPU's first step per cache
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
@@ -336,7 +337,9 @@ class InternLM(nn.Module):
         return 0 if cache is None else 2 * cache.k.numel() * cache.k.element_size() * len(self.model.layers)
 
     def setup_cache(self, batch: int, max_seq: int) -> None:
-        """(Re)allocate the KV cache; reused as is when it is already large enough."""
+        """(Re)allocate the KV cache; reused as is when it is already large enough. Either way the CPU's
+        bound step is bound again at the next step (it binds what the layers chose by then)."""
+        self.bound_step = None
         cache = self.model.layers[0].self_attn.cache
         if cache is not None and cache.k.shape[0] == batch and self.max_seq >= max_seq:
             if self.cfg.rope_dynamic and max(max_seq, self.rope_len) > self.cfg.max_position_embeddings \
@@ -409,9 +412,16 @@ class InternLM(nn.Module):
     def decode(self, step: DecodeStep) -> torch.Tensor:
         """Logits [B, 1, vocab] after each row's token step.tokens[b] at its position and cache slot;
         then every row moves on by one (positions and slots + 1), ready for the next step. Replayed
-        from a captured graph where `graphs` is set (tp.graphs: on accelerators), else run eagerly.
+        from a captured graph where `graphs` is set (tp.graphs: on accelerators), on the CPU as one
+        flat loop of bound kernel calls (tp.cpu_step), else run eagerly.
         On a graph the logits tensor is the graph's own: read it before the next step."""
-        return self.graphs(step) if self.graphs is not None else self.decode_eager(step)
+        if self.graphs is not None:
+            return self.graphs(step)
+        if self.device.type != "cpu":
+            return self.decode_eager(step)
+        if self.bound_step is None:
+            self.bound_step = cpu_step.CpuDecodeStep.bind(self)
+        return self.bound_step(step)
 
     @torch.inference_mode()
     def decode_eager(self, step: DecodeStep) -> torch.Tensor:
