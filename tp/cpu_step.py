@@ -2,10 +2,11 @@
 
 Eager (`InternLM.decode_eager`), a step walks the module tree: ~60 module calls, ~180 parameter
 look-ups through nn.Module.__getattr__, a kernel look-up per op, views to and from [B, 1, hidden].
-On the 827M bench model (8 layers) that is ~0.9 ms a step of Python on a 2-core AMD EPYC (Zen 3),
-where the whole step's part outside its matmuls took 1.55 ms and this loop's takes 0.65 (attention,
-norms, rope: the kernels themselves): a tenth of int4's read roofline. What the CPU needs is what a
-captured graph gives an accelerator (tp.graphs), without capture: the same calls, decided once.
+On the 827M bench model (8 layers, 2-core AMD EPYC, Zen 3) that is ~0.8 ms a step: its part outside
+the matmuls (bench/decode.py) went from 1.6-1.7 to 0.8-1.0 ms, most of what is left the kernels
+themselves (attention, norms, rope), and int4's whole step to 0.81x its time (bench/ab.py, 4
+alternated rounds; int8 0.95x). What the CPU needs is what a captured graph gives an accelerator
+(tp.graphs), without capture: the same calls, decided once.
 
 So the step here calls exactly the kernels the eager step calls, with the same inputs in the same
 order (its logits equal the eager step's bit for bit: tests/test_cpu_step.py), and only the binding
@@ -13,7 +14,7 @@ moves: each matmul is its layer's `decode_call` (the path tp.decode_matmul chose
 kernel path is read when the step is bound. The keys and values are looked up at every step, so
 `InternLM.cache_rows` (a step over some rows of the cache) holds. A step is bound per cache
 (`InternLM.setup_cache` drops it) and only where every kernel it needs is built for the model's
-dtype; elsewhere, and for batches over MAX_ROWS rows, the eager step runs. A layer the kernels do not
+dtype; elsewhere, and for batches over MAX_ROWS rows, the eager step runs (`InternLM.decode`). A layer the kernels do not
 serve as bound (GPTQ's act-order permutation) is called as its module.
 """
 from __future__ import annotations
@@ -78,8 +79,11 @@ class CpuDecodeStep:
     """`InternLM.decode_eager` for the CPU with its calls bound once (module docstring)."""
 
     def __init__(self, model, ops: dict):
-        self.model, self.ops = model, ops
-        self.eps = model.cfg.rms_norm_eps
+        # Parts of the model, not the model: it holds this step, and a cycle would leave both to the
+        # garbage collector, which may free the weights only at exit, after torch's teardown.
+        self.ops, self.eps = ops, model.cfg.rms_norm_eps
+        self.rope_cos, self.rope_sin = model.rope_cos, model.rope_sin  # setup_cache makes new ones, and unbinds
+        self.embed = model.model.embed_tokens
         self.layers = [_Layer(layer, ops, model.dtype) for layer in model.model.layers]
         self.norm = model.model.norm.weight
         head = model.lm_head
@@ -88,26 +92,22 @@ class CpuDecodeStep:
         self.vocab = head.vocab_size
 
     @classmethod
-    def bind(cls, model):
-        """The bound step, or the model's eager one where a kernel it needs is not built here."""
+    def bind(cls, model) -> "CpuDecodeStep | None":
+        """The bound step, or None where a kernel it needs is not built here (the eager step runs)."""
         probe = torch.empty(1, 1, dtype=model.dtype, device=model.device)
         ops = {name: cpu_kernels.op_for(name, probe, MAX_ROWS) for name in _OPS}
-        if any(op is None for op in ops.values()):
-            return model.decode_eager
-        return cls(model, ops)
+        return None if any(op is None for op in ops.values()) else cls(model, ops)
 
     @torch.inference_mode()
     def __call__(self, step) -> torch.Tensor:
-        """Logits [B, 1, vocab], step moved on by one, as decode_eager."""
-        model, ops, eps = self.model, self.ops, self.eps
+        """Logits [B, 1, vocab], step moved on by one, as decode_eager; B <= MAX_ROWS."""
+        ops, eps = self.ops, self.eps
         b = step.tokens.shape[0]
-        if b > MAX_ROWS:
-            return model.decode_eager(step)
         step.valid.scatter_(1, step.slots[:, None], True)
         torch.add(step.slots, 1, out=step.lengths)
-        cos = model.rope_cos[step.positions].view(b, 1, 1, -1)
-        sin = model.rope_sin[step.positions].view(b, 1, 1, -1)
-        x = model.model.embed_tokens(step.tokens[:, None]).view(b, -1)
+        cos = self.rope_cos[step.positions].view(b, 1, 1, -1)
+        sin = self.rope_sin[step.positions].view(b, 1, 1, -1)
+        x = self.embed(step.tokens[:, None]).view(b, -1)
         residual = x  # the first add_rms_norm writes the stream into it, as the eager step
         for i, layer in enumerate(self.layers):
             if i == 0:

@@ -300,7 +300,7 @@ class InternLM(nn.Module):
         self.max_seq, self.rope_len = 0, 0
         self.step: DecodeStep | None = None  # the decode step's inputs, allocated with the cache
         self.graphs = None  # tp.graphs.DecodeGraphs where the step is replayed from a graph
-        self.bound_step = None  # tp.cpu_step's bound step (or decode_eager), bound on the CPU's first step per cache
+        self.bound_step = None  # tp.cpu_step's bound step, bound on the CPU's first step per cache
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
@@ -417,11 +417,12 @@ class InternLM(nn.Module):
         On a graph the logits tensor is the graph's own: read it before the next step."""
         if self.graphs is not None:
             return self.graphs(step)
-        if self.device.type != "cpu":
-            return self.decode_eager(step)
-        if self.bound_step is None:
-            self.bound_step = cpu_step.CpuDecodeStep.bind(self)
-        return self.bound_step(step)
+        if self.device.type == "cpu" and step.tokens.shape[0] <= MAX_ROWS:
+            if self.bound_step is None:  # once per cache; False where a kernel it needs is not built
+                self.bound_step = cpu_step.CpuDecodeStep.bind(self) or False
+            if self.bound_step:
+                return self.bound_step(step)
+        return self.decode_eager(step)
 
     @torch.inference_mode()
     def decode_eager(self, step: DecodeStep) -> torch.Tensor:
