@@ -14,8 +14,8 @@ moves: each matmul is its layer's `decode_call` (the path tp.decode_matmul chose
 kernel path is read when the step is bound. The keys and values are looked up at every step, so
 `InternLM.cache_rows` (a step over some rows of the cache) holds. A step is bound per cache
 (`InternLM.setup_cache` drops it) and only where every kernel it needs is built for the model's
-dtype; elsewhere, and for batches over MAX_ROWS rows, the eager step runs (`InternLM.decode`). A layer the kernels do not
-serve as bound (GPTQ's act-order permutation) is called as its module.
+dtype; elsewhere, and for batches over MAX_ROWS rows, the eager step runs (`InternLM.decode`). A
+layer the kernels do not serve as bound (GPTQ's act-order permutation) is called as its module.
 """
 from __future__ import annotations
 
