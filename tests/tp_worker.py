@@ -5,12 +5,32 @@ import os
 import torch
 
 
-def run_rank(rank: int, world_size: int, port: int, ckpt: str, prompts: list[list[int]],
-             max_new_tokens: int, out_dir: str, dtype: str = "float32", quantize: str = "auto",
-             device: str = "cpu") -> None:
+def _join(rank: int, world_size: int, port: int) -> None:
+    """A rank's torchrun environment, one thread."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+
+
+def _leave(world_size: int) -> None:
+    if world_size > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def _start(target, world_size: int, out_dir, *args) -> list[dict]:
+    """target(rank, world_size, port, *args) in world_size spawned processes; what each saved in out_dir."""
+    import torch.multiprocessing as mp
+
+    from conftest import free_port
+    mp.start_processes(target, args=(world_size, free_port(), *args), nprocs=world_size, start_method="spawn")
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world_size)]
+
+
+def run_rank(rank: int, world_size: int, port: int, ckpt: str, prompts: list[list[int]],
+             max_new_tokens: int, out_dir: str, dtype: str = "float32", quantize: str = "auto",
+             device: str = "cpu") -> None:
+    _join(rank, world_size, port)
     from tp.device import init_distributed
     from tp.generate import generate, next_token_logits
     from tp.load import load_model
@@ -23,19 +43,13 @@ def run_rank(rank: int, world_size: int, port: int, ckpt: str, prompts: list[lis
     logits = next_token_logits(model, prompts)
     torch.save({"batched": batched.tokens, "alone": alone, "logits": logits.cpu(), "device": str(d.device)},
                os.path.join(out_dir, f"rank{rank}.pt"))
-    if world_size > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    _leave(world_size)
 
 
 def spawn(world_size: int, ckpt, prompts, max_new_tokens, out_dir, dtype="float32", quantize="auto",
           device="cpu") -> list[dict]:
-    import torch.multiprocessing as mp
-
-    from conftest import free_port
-    mp.start_processes(run_rank, args=(world_size, free_port(), str(ckpt), prompts, max_new_tokens,
-                                       str(out_dir), dtype, quantize, device), nprocs=world_size, start_method="spawn")
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world_size)]
+    return _start(run_rank, world_size, out_dir, str(ckpt), prompts, max_new_tokens, str(out_dir), dtype, quantize,
+                  device)
 
 
 def steps_both_ways(model, prompts: list[list[int]], n: int, rows: int | None = None):
@@ -72,9 +86,7 @@ def steps_both_ways(model, prompts: list[list[int]], n: int, rows: int | None = 
 
 def run_rank_steps(rank: int, world_size: int, port: int, ckpt: str, prompts: list[list[int]], n: int,
                    out_dir: str, dtype: str, quantize: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    _join(rank, world_size, port)
     from tp.device import init_distributed
     from tp.load import load_model
 
@@ -83,15 +95,8 @@ def run_rank_steps(rank: int, world_size: int, port: int, ckpt: str, prompts: li
     eager, bound = steps_both_ways(model, prompts, n)
     torch.save({"bound": type(model.bound_step).__name__, "eager": [e[0] for e in eager],
                 "bound_logits": [b[0] for b in bound]}, os.path.join(out_dir, f"rank{rank}.pt"))
-    if world_size > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    _leave(world_size)
 
 
 def spawn_steps(world_size: int, ckpt, prompts, n: int, out_dir, dtype: str, quantize: str) -> list[dict]:
-    import torch.multiprocessing as mp
-
-    from conftest import free_port
-    mp.start_processes(run_rank_steps, args=(world_size, free_port(), str(ckpt), prompts, n, str(out_dir), dtype,
-                                             quantize), nprocs=world_size, start_method="spawn")
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world_size)]
+    return _start(run_rank_steps, world_size, out_dir, str(ckpt), prompts, n, str(out_dir), dtype, quantize)

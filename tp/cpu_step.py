@@ -64,13 +64,11 @@ class _Layer:
         self.gate_up, self.down = _column(mlp.gate_up_proj), _row(mlp.down_proj)
         self.heads = attention.local_heads
         self.scale = 1.0 / math.sqrt(attention.head_dim)
-        if attention.decode_path is None:
-            attention.decode_path = decode_attention.candidates(model_dtype)[0]
-        if attention.decode_path == "ours":
+        path = attention.chosen_decode_path(model_dtype)
+        if path == "ours":
             attend = ops["decode_attention"]
             self.attend = lambda q, k, v, step: attend(q, k, v, self.scale, step.valid, step.lengths)
         else:
-            path = attention.decode_path
             self.attend = lambda q, k, v, step: decode_attention.run(
                 path, q, k, v, self.scale, step.valid[:, None, None, :], step.lengths)
 

@@ -112,6 +112,12 @@ class _Weight(nn.Module):
             self._fused_operands = (route, make())
         return self._fused_operands[1]
 
+    def chosen_decode_path(self, x_dtype: torch.dtype) -> str:
+        """decode_path; before any choice, tp.decode_matmul's first candidate, kept."""
+        if self.decode_path is None:
+            self.decode_path = decode_matmul.candidates(self.weight, x_dtype)[0]
+        return self.decode_path
+
     def decode_call(self, bias: torch.Tensor | None = None):
         """The call `matmul(x, bias)` makes for a few contiguous rows x [M, K] (M <= MAX_ROWS) of the
         activations' dtype on the CPU, bound to this weight once (tp.cpu_step), or None where the
@@ -122,9 +128,7 @@ class _Weight(nn.Module):
                 return None
             w, scale, zero = self.weight, self.weight_group_scale, self.weight_group_zero
             return lambda x: op(x, w, scale, zero, bias)
-        if self.decode_path is None:
-            self.decode_path = decode_matmul.candidates(self.weight, self.dtype)[0]
-        path, w, scale = self.decode_path, self.weight, self.weight_scale
+        path, w, scale = self.chosen_decode_path(self.dtype), self.weight, self.weight_scale
         if path == "ours":
             op = cpu_kernels.gemv()
             return lambda x: op(x, w, scale, bias)
@@ -136,9 +140,8 @@ class _Weight(nn.Module):
         lead, k = x.shape[:-1], x.shape[-1]
         rows = x.numel() // k if k else 0
         if matmul_route(x.device.type, rows, MAX_ROWS) == "decode":
-            if self.decode_path is None:
-                self.decode_path = decode_matmul.candidates(self.weight, x.dtype)[0]
-            y = decode_matmul.run(self.decode_path, x.reshape(rows, k), self.weight, self.weight_scale, bias)
+            y = decode_matmul.run(self.chosen_decode_path(x.dtype), x.reshape(rows, k), self.weight, self.weight_scale,
+                                  bias)
             return y.view(*lead, self.weight.shape[0])
         if not self.quantized and self.prefill_compute is None and self.prefill_rows is None:
             return F.linear(x, self.weight, bias)

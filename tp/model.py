@@ -189,11 +189,15 @@ class Attention(nn.Module):
         q, k, v = qkv.split([self.local_heads, self.local_kv_heads, self.local_kv_heads], dim=1)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
+    def chosen_decode_path(self, dtype: torch.dtype) -> str:
+        """decode_path; before any choice, tp.decode_attention's first candidate, kept."""
+        if self.decode_path is None:
+            self.decode_path = decode_attention.candidates(dtype)[0]
+        return self.decode_path
+
     def _attend_one(self, q, k, v, scale: float, mask, lengths=None):
         """One query a row on the CPU, through the path measured fastest on this host."""
-        if self.decode_path is None:
-            self.decode_path = decode_attention.candidates(q.dtype)[0]
-        return decode_attention.run(self.decode_path, q, k, v, scale, mask, lengths)
+        return decode_attention.run(self.chosen_decode_path(q.dtype), q, k, v, scale, mask, lengths)
 
     def decode(self, x, cos, sin, step: DecodeStep):
         """One new token a row [B, 1, hidden], row b's key and value into slot step.slots[b], attention
