@@ -117,6 +117,46 @@ def test_int4_kernel_carries_nan_and_inf(isa, x_dtype, k, group):
     assert not y[1:].isfinite().any()
 
 
+@pytest.mark.parametrize("rows,cols,group", [(7, 5504, 128), (3, 96, 32), (4, 2048, 64)])
+def test_fused_rows_put_each_rows_scales_and_zeros_ahead_of_its_packed_bytes(rows, cols, group):
+    """Three views into one buffer: a row is [scales | zeros | padding | packed], the packed bytes of
+    every row on a cache line of their own start, and writing one view leaves the others as written."""
+    packed, scale, zero = int4.fused_rows(rows, cols, group)
+    head, row = int4.fused_row_layout(cols, group)
+    groups = cols // group
+    assert head % 64 == 0 and row % 64 == 0 and head >= 3 * groups and row >= head + cols // 2
+    assert packed.shape == (rows, cols // 2) and scale.shape == zero.shape == (rows, groups)
+    assert packed.stride() == (row, 1) and scale.stride() == (row // 2, 1) and zero.stride() == (row, 1)
+    base = packed.untyped_storage().data_ptr()
+    assert scale.untyped_storage().data_ptr() == zero.untyped_storage().data_ptr() == base
+    assert packed.untyped_storage().nbytes() == rows * row
+    assert all((packed[r].data_ptr() - base) == r * row + head and packed[r].data_ptr() % 64 == 0 for r in range(rows))
+    assert all(zero[r].data_ptr() - scale[r].data_ptr() == 2 * groups for r in range(rows))
+    want = int4.quantize_groups(torch.randn(rows, cols, generator=torch.Generator().manual_seed(cols)), group)
+    for view, value in zip((packed, scale, zero), want):
+        view.copy_(value)
+    assert all(torch.equal(view, value) for view, value in zip((packed, scale, zero), want))
+
+
+@pytest.mark.parametrize("isa", RUNNABLE_ISAS)
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,k,group", [(1, 5504, 128), (2, 224, 32), (3, 512, 64), (1, 1536, 384)])
+def test_int4_kernel_reads_fused_rows_as_it_reads_three_tensors(isa, x_dtype, rows, k, group):
+    """The kernel walks each operand by its own row stride: on fused rows, bit for bit what it gives on
+    three contiguous tensors (every path: float, int16 and int8 x, groups of 32, unrolled and not)."""
+    op = kernels.build(isa).gemv_int4
+    g = torch.Generator().manual_seed(k)
+    n = 389
+    want = int4.quantize_groups(torch.randn(n, k, generator=g), group)
+    fused = int4.fused_rows(n, k, group)
+    for view, value in zip(fused, want):
+        view.copy_(value)
+    assert not fused[0].is_contiguous()
+    x = torch.randn(rows, k, generator=g).to(x_dtype)
+    bias = torch.randn(n, generator=g).to(x_dtype)
+    assert torch.equal(op(x, *fused, bias), op(x, *want, bias))
+
+
 def test_int4_kernel_refuses_bad_input_with_a_message():
     op = kernels.op("gemv_int4")
     x = torch.zeros(1, 64)
@@ -127,6 +167,10 @@ def test_int4_kernel_refuses_bad_input_with_a_message():
         op(x, packed, scale.float(), zero)
     with pytest.raises(RuntimeError, match="whole blocks of 32"):
         op(x, packed, torch.zeros(4, 3, dtype=torch.float16), torch.zeros(4, 3, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="rows contiguous"):  # rows may be strided, a row's bytes not
+        op(x, torch.zeros(32, 4, dtype=torch.uint8).t(), scale, zero)
+    with pytest.raises(RuntimeError, match="rows contiguous"):
+        op(x, packed, torch.zeros(2, 4, dtype=torch.float16).t(), zero)
 
 
 # ---- int4 in the model: cut == load, TP sizes, refusals, bytes ------------------------------------
@@ -182,6 +226,16 @@ def test_int4_layers_hold_the_quantized_source_weights(int4_ckpt):
     mlp = model.model.layers[2].mlp.gate_up_proj
     mine = int4.dequantize(mlp.weight, mlp.weight_group_scale, mlp.weight_group_zero)[256:]  # up rows after gate's
     assert torch.equal(mine, whole[256:512])
+    # on the CPU each int4 layer's three tensors are fused rows, one buffer, counted once with its padding
+    layers = [m for m in model.modules() if getattr(m, "format", None) is not None and m.format.kind == "int4"]
+    assert len(layers) == 2 + 4 * model.cfg.num_hidden_layers  # qkv, o, gate_up, down; embedding, LM head
+    for m in layers:
+        storage = m.weight.untyped_storage()
+        assert m.weight_group_scale.untyped_storage().data_ptr() == m.weight_group_zero.untyped_storage().data_ptr() == storage.data_ptr()
+        assert storage.nbytes() == m.weight.shape[0] * int4.fused_row_layout(m.weight.shape[1] * 2, 32)[1]
+    fused = {m.weight.untyped_storage().data_ptr(): m.weight.untyped_storage().nbytes() for m in layers}
+    others = sum(p.numel() * p.element_size() for p in model.parameters() if p.untyped_storage().data_ptr() not in fused)
+    assert model.weight_bytes() == sum(fused.values()) + others
 
 
 def test_int4_greedy_tokens_do_not_depend_on_tp_size(int4_ckpt, tmp_path):

@@ -70,9 +70,14 @@ class _Weight(nn.Module):
         self.weight_scale = None
         if self.format.kind == "int4":  # tp/int4.py: packed nibbles, a float16 scale and a zero per group
             groups = cols // self.format.group_size
-            self.weight = _empty(rows, cols // 2, dtype=torch.uint8, device=device)
-            self.weight_group_scale = _empty(rows, groups, dtype=torch.float16, device=device)
-            self.weight_group_zero = _empty(rows, groups, dtype=torch.uint8, device=device)
+            if torch.device(device if device is not None else "cpu").type == "cpu":  # one stream a row
+                packed, scale, zero = int4.fused_rows(rows, cols, self.format.group_size)
+                self.weight, self.weight_group_scale, self.weight_group_zero = (
+                    nn.Parameter(t, requires_grad=False) for t in (packed, scale, zero))
+            else:
+                self.weight = _empty(rows, cols // 2, dtype=torch.uint8, device=device)
+                self.weight_group_scale = _empty(rows, groups, dtype=torch.float16, device=device)
+                self.weight_group_zero = _empty(rows, groups, dtype=torch.uint8, device=device)
             if self.format.act_order:  # x[..., perm] meets the packed columns (tp/formats.py)
                 self.weight_input_perm = _empty(cols, dtype=torch.int64, device=device)
             return

@@ -268,6 +268,17 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
 
 
+def stored_bytes(tensors) -> int:
+    """Bytes of the memory holding the tensors, each buffer once: the CPU's int4 weights are three
+    views into one buffer of fused rows (tp/int4.py), padding included, as a step reads it."""
+    sizes = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        key = (t.device, storage.data_ptr()) if storage.data_ptr() else id(t)
+        sizes[key] = storage.nbytes() if storage.data_ptr() else t.numel() * t.element_size()
+    return sum(sizes.values())
+
+
 class InternLM(nn.Module):
     """Parameter names mirror the checkpoint's, except the fused `qkv_proj` and `gate_up_proj`.
 
@@ -325,7 +336,7 @@ class InternLM(nn.Module):
         return [layer.self_attn for layer in self.model.layers]
 
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.parameters())
+        return stored_bytes(self.parameters())
 
     def decode_weight_bytes(self, batch: int) -> int:
         """Bytes of this rank's weights one decode step reads: every matrix once, and of the
@@ -333,7 +344,7 @@ class InternLM(nn.Module):
         if self.cfg.tie_word_embeddings:
             return self.weight_bytes()
         emb = self.model.embed_tokens
-        table = sum(p.numel() * p.element_size() for p in emb.parameters())
+        table = stored_bytes(emb.parameters())
         return self.weight_bytes() - table + batch * table // emb.weight.shape[0]
 
     def cache_bytes(self) -> int:

@@ -307,15 +307,18 @@ constexpr int kInt4XRows = kWidth == 8 ? 1 : 2;  // rows of x per pass: AVX2's 1
 
 // A weight's float16 scales and integer zeros [N, groups], as stored (3 bytes a group: float32 copies
 // of both would add an eighth to what a step reads); w = q * scale + offset, offset = -zero * scale,
-// exact in float32.
+// exact in float32. Each of the three is read through its own row stride: on the CPU they are views
+// into one buffer whose rows hold a row's scales and zeros ahead of its packed bytes (tp/int4.py's
+// fused_rows), so that the R rows a kernel walks are R monotonic streams, not 3R.
 struct GroupTerms {
   const c10::Half* s;
   const uint8_t* z;
   int64_t groups;
+  int64_t s_row, z_row, w_row;  // row strides of scale, zero (elements) and the packed weight (bytes)
   // F16C's conversion (every AVX2 CPU has it): c10::Half's own is a dozen scalar instructions with
   // branches, once per group per row, which on AVX2 cost as much as the group's products.
-  float scale(int64_t n, int64_t g) const { return _cvtsh_ss(s[n * groups + g].x); }
-  float offset(int64_t n, int64_t g) const { return -static_cast<float>(z[n * groups + g]) * scale(n, g); }
+  float scale(int64_t n, int64_t g) const { return _cvtsh_ss(s[n * s_row + g].x); }
+  float offset(int64_t n, int64_t g) const { return -static_cast<float>(z[n * z_row + g]) * scale(n, g); }
 };
 
 // out[r][m] = the lanes of acc[r][m] summed, plus the zero terms: sum_g offset[n_r, g] * xsum[m, g],
@@ -325,8 +328,8 @@ void int4_finish(vec (*acc)[MX], const GroupTerms& terms, const float* xsum, int
                  float (*out)[MX]) {
   for (int r = 0; r < R; ++r) {
     const int64_t row = n + r * stride;
-    const c10::Half* s = terms.s + row * groups;
-    const uint8_t* z = terms.z + row * groups;
+    const c10::Half* s = terms.s + row * terms.s_row;
+    const uint8_t* z = terms.z + row * terms.z_row;
     for (int m = 0; m < MX; ++m) {
       vec zs = zero();  // sum_g zero * scale * xsum: offset = -zero * scale
       int64_t g = 0;
@@ -340,8 +343,8 @@ void int4_finish(vec (*acc)[MX], const GroupTerms& terms, const float* xsum, int
 
 // The start of every int4 kernel: the R rows of W it walks, and their accumulators at 0.
 template <int R, int MX>
-void int4_start(const uint8_t* w, int64_t K, int64_t n, int64_t stride, const uint8_t** row, vec (*acc)[MX]) {
-  for (int r = 0; r < R; ++r) row[r] = w + (n + r * stride) * (K / 2);
+void int4_start(const uint8_t* w, int64_t w_row, int64_t n, int64_t stride, const uint8_t** row, vec (*acc)[MX]) {
+  for (int r = 0; r < R; ++r) row[r] = w + (n + r * stride) * w_row;
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MX; ++m) acc[r][m] = zero();
 }
@@ -363,7 +366,7 @@ void dot_rows_int4(const float* x, const float* xsum, const uint8_t* w, const Gr
   const int64_t group = K / groups;
   const uint8_t* row[R];
   vec acc[R][MX];
-  int4_start<R, MX>(w, K, n, stride, row, acc);
+  int4_start<R, MX>(w, terms.w_row, n, stride, row, acc);
   for (int64_t g = 0; g < groups; ++g) {
     vec part[R][MX];
     for (int r = 0; r < R; ++r)
@@ -401,7 +404,7 @@ void dot_rows_int4_blocked(const BlockedX& bx, int64_t m0, const float* xsum, co
   const int64_t group = K / groups;
   const uint8_t* row[R];
   vec acc[R][MX];
-  int4_start<R, MX>(w, K, n, stride, row, acc);
+  int4_start<R, MX>(w, terms.w_row, n, stride, row, acc);
   for (int64_t g = 0; g < groups; ++g) {
     ivec part[R][MX];
     for (int r = 0; r < R; ++r)
@@ -439,7 +442,7 @@ void dot_rows_int4_wide(const BlockedX& bx, int64_t m0, const float* xsum, const
   const int64_t group = K / groups;
   const uint8_t* row[R];
   vec acc[R][MX];
-  int4_start<R, MX>(w, K, n, stride, row, acc);
+  int4_start<R, MX>(w, terms.w_row, n, stride, row, acc);
   const __m512i low = _mm512_set1_epi16(15);
   for (int64_t g = 0; g < groups; ++g) {
     ivec part[R][MX];
@@ -515,7 +518,7 @@ INT4_VNNI void dot_rows_int4_int8x(const Int8X& xq, int64_t m0, const float* xsu
   const int64_t group = K / groups;
   const uint8_t* row[R];
   vec acc[R][MX];
-  int4_start<R, MX>(w, K, n, stride, row, acc);
+  int4_start<R, MX>(w, terms.w_row, n, stride, row, acc);
   const __m512i low = _mm512_set1_epi8(15);
   for (int64_t g = 0; g < groups; ++g) {
     ivec part[R][MX];
@@ -578,7 +581,7 @@ void dot_rows_int4_int8x_avx2(const Int8X& xq, int64_t m0, const float* xsum, co
   const int64_t group = K / groups;
   const uint8_t* row[R];
   vec acc[R][MX];
-  int4_start<R, MX>(w, K, n, stride, row, acc);
+  int4_start<R, MX>(w, terms.w_row, n, stride, row, acc);
   const __m256i ones = _mm256_set1_epi16(1);
   const int8_t* x8 = xq.q.data() + m0 * K;
   // pairs[r][m] (+)= the pair sums of the span from k; `first` starts them.
@@ -619,7 +622,7 @@ void dot_rows_int4_int8x_g32(const Int8X& xq, int64_t m0, const float* xsum, con
                              int64_t K, int64_t groups, int64_t n, int64_t stride, float (*out)[MX]) {
   const uint8_t* row[R];
   vec acc[R][MX];
-  int4_start<R, MX>(w, K, n, stride, row, acc);
+  int4_start<R, MX>(w, terms.w_row, n, stride, row, acc);
   const __m256i ones = _mm256_set1_epi16(1);
   const int8_t* x8 = xq.q.data() + m0 * K;
   const float* xscale = xq.scale.data() + m0 * groups;
@@ -722,15 +725,15 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x: contiguous [M, K]");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x: float32 or bfloat16");
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous() && w.size(1) * 2 == K,
-              "w: contiguous uint8 [N, K / 2]");
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.stride(1) == 1 && w.size(1) * 2 == K,
+              "w: uint8 [N, K / 2], rows contiguous");
   const int64_t N = w.size(0);
-  TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.dim() == 2 && scale.size(0) == N && scale.is_contiguous(),
-              "scale: contiguous float16 [N, groups]");
+  TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.dim() == 2 && scale.size(0) == N && scale.stride(1) == 1,
+              "scale: float16 [N, groups], rows contiguous");
   const int64_t groups = scale.size(1);
   TORCH_CHECK(groups > 0 && K % groups == 0 && (K / groups) % 32 == 0, "groups: whole blocks of 32 channels of K");
-  TORCH_CHECK(zero.scalar_type() == at::kByte && zero.sizes() == scale.sizes() && zero.is_contiguous(),
-              "zero: contiguous uint8, scale's shape");
+  TORCH_CHECK(zero.scalar_type() == at::kByte && zero.sizes() == scale.sizes() && zero.stride(1) == 1,
+              "zero: uint8, scale's shape, rows contiguous");
   const at::Tensor b = checked_bias(bias, x, N);
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
@@ -745,7 +748,8 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
       xsum[m * groups + g] = sum(s);
     }
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  const GroupTerms terms{scale.data_ptr<c10::Half>(), zero.data_ptr<uint8_t>(), groups};
+  const GroupTerms terms{scale.data_ptr<c10::Half>(), zero.data_ptr<uint8_t>(), groups, scale.stride(0), zero.stride(0),
+                         w.stride(0)};
   BlockedX bx;
   Int8X x8;
   const bool int8x = x.scalar_type() == at::kBFloat16 && int4_int8_x(group);
