@@ -157,6 +157,45 @@ def test_int4_kernel_reads_fused_rows_as_it_reads_three_tensors(isa, x_dtype, ro
     assert torch.equal(op(x, *fused, bias), op(x, *want, bias))
 
 
+@pytest.mark.parametrize("isa", RUNNABLE_ISAS)
+@pytest.mark.parametrize("n,k,group", [(389, 224, 32), (100, 5504, 128), (7, 1536, 384), (33, 512, 64)])
+def test_dequantize_kernel_gives_torchs_dequantized_weight_to_the_bit(isa, n, k, group):
+    """Prefill's dequantization in C++ (one fma where torch multiplies then adds: the product is exact),
+    from three tensors and from fused rows, into the caller's buffer."""
+    op = kernels.build(isa).dequantize_int4
+    want = int4.quantize_groups(torch.randn(n, k, generator=torch.Generator().manual_seed(k)), group)
+    fused = int4.fused_rows(n, k, group)
+    for view, value in zip(fused, want):
+        view.copy_(value)
+    exact = int4.dequantize(*want)
+    out = torch.full((n, k), float("nan"))
+    assert op(*want, out) is not None and torch.equal(out, exact)
+    assert torch.equal(op(*fused, torch.empty(n, k)), exact)
+    with pytest.raises(RuntimeError, match=r"out: contiguous float32 \[N, K\]"):
+        op(*want, torch.empty(n, k + 32))
+
+
+def test_int4_linear_in_blocks_through_the_kernel_equals_torchs_dequantization(monkeypatch):
+    """Prefill: blocks of rows dequantized by the kernel into reused scratch give, bit for bit, the
+    product torch's own dequantization gives (float32 and bfloat16 GEMMs; a smaller weight after a larger)."""
+    from tp import malloc
+    monkeypatch.setattr(malloc, "SCRATCH_BYTES", 256 * 4 * 100)  # blocks of 100 rows of K = 256
+    g = torch.Generator().manual_seed(3)
+    real_op = kernels.op
+    for n, k in ((350, 256), (40, 128)):
+        want = int4.quantize_groups(torch.randn(n, k, generator=g), 32)
+        x = torch.randn(9, k, generator=g)
+        for compute in (torch.float32, torch.bfloat16):
+            monkeypatch.setattr(kernels, "op", real_op)
+            ours = int4.int4_linear(x, *want, compute)
+            monkeypatch.setattr(kernels, "op", lambda name: None)
+            assert torch.equal(ours, int4.int4_linear(x, *want, compute)), (n, k, compute)
+            tolerance = 1e-4 if compute == torch.float32 else 0.1
+            assert torch.allclose(ours, x @ int4.dequantize(*want).t(), rtol=tolerance, atol=tolerance)
+    monkeypatch.setattr(kernels, "op", real_op)
+    assert kernels.op("dequantize_int4") is not None  # the first product above was the kernel's
+
+
 def test_int4_kernel_refuses_bad_input_with_a_message():
     op = kernels.op("gemv_int4")
     x = torch.zeros(1, 64)

@@ -6,6 +6,7 @@ import torch
 
 from conftest import PROMPTS
 from cut_weights import CutOptions, cut
+from tp import malloc
 from tp.checkpoint import CheckpointError, CheckpointReader
 from tp.load import load_model
 from tp.quant import int8_linear, is_quantized, quantize_rows
@@ -57,7 +58,7 @@ def test_dequantized_linear_in_blocks_equals_one_block(monkeypatch):
     x, _, q, scale = _quantized_product(6, 64, torch.float32, n=1000)
     whole = quant.dequantized_linear(x, q, scale)
     assert torch.allclose(whole, x @ (q.float() * scale[:, None]).t(), rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(quant, "_DEQUANT_BLOCK_BYTES", 64 * 4 * 300)  # blocks of 300 rows, the last one 100
+    monkeypatch.setattr(malloc, "SCRATCH_BYTES", 64 * 4 * 300)  # blocks of 300 rows, the last one 100
     assert torch.equal(quant.dequantized_linear(x, q, scale), whole)
     x2, _, q2, scale2 = _quantized_product(3, 16, torch.float32, n=50)  # a smaller weight after a larger one
     assert torch.allclose(quant.dequantized_linear(x2, q2, scale2), x2 @ (q2.float() * scale2[:, None]).t(),
@@ -70,7 +71,7 @@ def test_dequantized_linear_rows_per_gemm_and_scratch_made_under_inference_mode(
     one-GEMM product; a scratch first made under inference_mode (load-time measurements) still
     serves a later call outside it."""
     import tp.quant as quant
-    monkeypatch.setattr(quant, "_scratch", {})
+    monkeypatch.setattr(malloc, "_scratch", {})
     x, w, q, scale = _quantized_product(40, 64, torch.float32, n=1000)
     with torch.inference_mode():
         quant.dequantized_linear(x, q, scale, rows_per_gemm=300)

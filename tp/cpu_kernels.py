@@ -146,7 +146,7 @@ def gemv():
 
 
 def op(name: str):
-    """The op `name` of the extension (gemv, gemv_int4, has_bf16_dot, int4_int8_x, decode_attention, rms_norm,
+    """The op `name` of the extension (gemv, gemv_int4, dequantize_int4, has_bf16_dot, int4_int8_x, decode_attention, rms_norm,
     add_rms_norm, rope, rope_into_cache, swiglu, argmax_rows, shm_exchange, shm_all_reduce: each source in
     tp/csrc states its inputs and outputs), or None where the kernels are not available."""
     ops = _ops()

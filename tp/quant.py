@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tp import triton_int8
+from tp import malloc, triton_int8
 from tp.int4 import group_scale_name, group_zero_name, input_perm_name
 from tp.routing import int8_route
 
@@ -98,22 +98,6 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-_DEQUANT_BLOCK_BYTES = 32 << 20  # scratch for one block of dequantized weight rows
-_scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-
-
-def _scratch_rows(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A [rows, cols] view of a buffer kept across calls: on the CPU a fresh one costs its page
-    faults, ~7x the int8-to-bfloat16 conversion written into it (15 vs 2 ms for 11008 x 2048)."""
-    buf = _scratch.get((dtype, device))
-    if buf is None or buf.numel() < rows * cols:
-        # a normal tensor even when first made under inference_mode (the load-time measurements):
-        # an inference tensor could not be written by a later call outside it
-        with torch.inference_mode(False):
-            buf = _scratch[(dtype, device)] = torch.empty(rows * cols, dtype=dtype, device=device)
-    return buf[: rows * cols].view(rows, cols)
-
-
 def dequantized_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None,
                        compute: torch.dtype | None = None, rows_per_gemm: int | None = None) -> torch.Tensor:
     """x @ (q * scale[:, None]).T through the float GEMM of `compute` (default x's dtype), a block of
@@ -126,12 +110,12 @@ def dequantized_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | N
     whether smaller GEMMs are faster on this host; None: as many as the scratch holds)."""
     compute = compute or x.dtype
     xc = x.to(compute)
-    block = max(1, _DEQUANT_BLOCK_BYTES // max(1, q.shape[1] * xc.element_size()))
+    block = max(1, malloc.SCRATCH_BYTES // max(1, q.shape[1] * xc.element_size()))
     if rows_per_gemm:
         block = min(block, rows_per_gemm)
 
     def in_compute(rows: torch.Tensor) -> torch.Tensor:
-        return rows if rows.dtype == compute else _scratch_rows(*rows.shape, compute, x.device).copy_(rows)
+        return rows if rows.dtype == compute else malloc.scratch_rows(*rows.shape, compute, x.device).copy_(rows)
 
     if block >= q.shape[0]:
         y = F.linear(xc, in_compute(q))

@@ -719,12 +719,9 @@ struct Gemv4 {
   }
 };
 
-at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero,
-                     const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "gemv_int4 runs on the CPU");
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x: contiguous [M, K]");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x: float32 or bfloat16");
-  const int64_t M = x.size(0), K = x.size(1);
+// The checks both int4 ops make of a weight's three tensors (K its input channels), and their terms.
+GroupTerms int4_terms(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero, int64_t K) {
+  TORCH_CHECK(w.device().is_cpu(), "int4 weights: on the CPU");
   TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.stride(1) == 1 && w.size(1) * 2 == K,
               "w: uint8 [N, K / 2], rows contiguous");
   const int64_t N = w.size(0);
@@ -734,6 +731,49 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   TORCH_CHECK(groups > 0 && K % groups == 0 && (K / groups) % 32 == 0, "groups: whole blocks of 32 channels of K");
   TORCH_CHECK(zero.scalar_type() == at::kByte && zero.sizes() == scale.sizes() && zero.stride(1) == 1,
               "zero: uint8, scale's shape, rows contiguous");
+  return {scale.data_ptr<c10::Half>(), zero.data_ptr<uint8_t>(), groups, scale.stride(0), zero.stride(0), w.stride(0)};
+}
+
+// Prefill's dequantization (tp/int4.py's dequantize_rows, into the float GEMM): w = q * scale + offset
+// in float32, where q * scale is exact, so one fma rounds as torch's mul_ then add_ do: the same bits.
+// torch's unpack, widen, scale and add took ~1.7 ns a weight (AMD EPYC Zen 3, 2 threads), a quarter
+// of the 512-row GEMM the weights then meet.
+// Into `out` (float32 [N, K], contiguous): the caller's reused scratch, whose pages are already there.
+at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero, at::Tensor out) {
+  const int64_t N = w.size(0), K = w.dim() == 2 ? w.size(1) * 2 : 0;
+  const GroupTerms terms = int4_terms(w, scale, zero, K);
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 &&
+              out.size(0) == N && out.size(1) == K, "out: contiguous float32 [N, K]");
+  const int64_t group = K / terms.groups;
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* row = wp + n * terms.w_row;
+      float* o = op + n * K;
+      for (int64_t g = 0; g < terms.groups; ++g) {
+        const vec s = broadcast(terms.scale(n, g)), offset = broadcast(terms.offset(n, g));
+        for (int64_t k = g * group; k < (g + 1) * group; k += 32)
+          for (int h = 0; h < 16; h += kWidth) {
+            vec lo, hi;
+            nibbles(row + k / 2 + h, lo, hi);
+            store(o + k + h, fma(lo, s, offset));
+            store(o + k + 16 + h, fma(hi, s, offset));
+          }
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero,
+                     const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "gemv_int4 runs on the CPU");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x: contiguous [M, K]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x: float32 or bfloat16");
+  const int64_t M = x.size(0), K = x.size(1);
+  const GroupTerms terms = int4_terms(w, scale, zero, K);
+  const int64_t N = w.size(0), groups = terms.groups;
   const at::Tensor b = checked_bias(bias, x, N);
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
@@ -748,8 +788,6 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
       xsum[m * groups + g] = sum(s);
     }
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  const GroupTerms terms{scale.data_ptr<c10::Half>(), zero.data_ptr<uint8_t>(), groups, scale.stride(0), zero.stride(0),
-                         w.stride(0)};
   BlockedX bx;
   Int8X x8;
   const bool int8x = x.scalar_type() == at::kBFloat16 && int4_int8_x(group);
@@ -820,4 +858,5 @@ TORCH_LIBRARY(OPS_NAMESPACE, m) {
   m.def("has_bf16_dot() -> bool", [] { return host_has_bf16_dot(); });
   m.def("gemv_int4(Tensor x, Tensor w, Tensor scale, Tensor zero, Tensor? bias=None) -> Tensor", gemv_int4);
   m.def("int4_int8_x(int group) -> bool", [](int64_t group) { return int4_int8_x(group); });
+  m.def("dequantize_int4(Tensor w, Tensor scale, Tensor zero, Tensor(a!) out) -> Tensor(a!)", dequantize_int4);
 }
