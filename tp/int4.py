@@ -131,7 +131,8 @@ def dequantize_rows(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[N, K] in `dtype` of packed rows and their stored scales and zeros: q * scale + (-zero * scale),
     exact in float32 (kernel_terms), then one rounding to dtype. On the CPU the kernels' own
-    dequantize_int4 makes the same bits (tp/csrc/gemv.cpp), ~10x faster than the torch ops below."""
+    dequantize_int4 makes the same bits (tp/csrc/gemv.cpp), 6x faster than the torch ops below (256 x
+    2048 in cache: 51 against 323 us, AMD EPYC Zen 3, 2 threads)."""
     op = cpu_kernels.op("dequantize_int4") if packed.device.type == "cpu" else None
     if op is not None:
         return op(packed, scale, zero, torch.empty(packed.shape[0], packed.shape[1] * 2)).to(dtype)

@@ -17,6 +17,8 @@ import functools
 import logging
 import os
 
+import torch
+
 log = logging.getLogger("internlm_tp")
 ENV = "INTERNLM_TP_KEEP_FREED"  # 1 (default) | 0
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
@@ -40,14 +42,13 @@ def keep_freed_memory() -> bool:
 
 
 SCRATCH_BYTES = 32 << 20  # one block of dequantized weight rows (tp.quant, tp.int4)
-_scratch: dict = {}
+_scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
-def scratch_rows(rows: int, cols: int, dtype, device):
+def scratch_rows(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A [rows, cols] view of a buffer kept across calls, one per dtype and device: on the CPU a fresh
     one costs its page faults, ~7x the int8-to-bfloat16 conversion written into it (15 vs 2 ms for
     11008 x 2048), and glibc maps a block of SCRATCH_BYTES afresh each time whatever the settings above."""
-    import torch
     buf = _scratch.get((dtype, device))
     if buf is None or buf.numel() < rows * cols:
         # a normal tensor even when first made under inference_mode (the load-time measurements):
