@@ -62,7 +62,7 @@ class Server:
 
     def metric(self, name: str) -> float:
         text = urllib.request.urlopen(self.base + "/metrics", timeout=5).read().decode()
-        return float(next(l for l in text.splitlines() if l.startswith(f"internlm_tp_{name} ")).split()[1])
+        return float(next(l for l in text.splitlines() if l.startswith(f"internlm_tp:{name} ")).split()[1])
 
     def running(self) -> int:
         return int(self.metric("num_requests_running"))
@@ -166,10 +166,10 @@ def test_chat_streaming_usage_and_the_clients_error_types(chat_ckpt, tmp_path):
             client.completions.create(model="other", prompt="你好", max_tokens=2)
         with pytest.raises(openai.BadRequestError, match="context is 64 tokens"):
             client.completions.create(model="tiny-chat", prompt="你好", max_tokens=100)
-        with pytest.raises(openai.BadRequestError, match="n must be 1"):
-            client.completions.create(model="tiny-chat", prompt="你好", max_tokens=2, n=2)
-        with pytest.raises(openai.BadRequestError, match="logprobs is not supported"):
-            client.completions.create(model="tiny-chat", prompt="你好", max_tokens=2, logprobs=2)
+        with pytest.raises(openai.BadRequestError, match="n must be an integer in"):
+            client.completions.create(model="tiny-chat", prompt="你好", max_tokens=2, n=2)  # 1 row
+        with pytest.raises(openai.BadRequestError, match="suffix is not supported"):
+            client.completions.create(model="tiny-chat", prompt="你好", max_tokens=2, suffix="x")
         request = urllib.request.Request(server.base + "/v1/completions", data=b"{not json", method="POST",
                                          headers={"Authorization": "Bearer secret", "Content-Type": "application/json"})
         with pytest.raises(urllib.error.HTTPError) as err:

@@ -13,14 +13,7 @@ from tp import cpu_kernels
 from tp.device import synchronize
 from tp.model import InternLM
 from tp.routing import eos_check_interval
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """temperature 0 means greedy; top_k 0 and top_p 1 disable those filters."""
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
+from tp.sampler import Sampling, sample  # noqa: F401  (Sampling: re-exported for the tasks)
 
 
 @dataclass
@@ -43,18 +36,15 @@ def choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
         if op is not None:  # the same choice in two vectorized passes (tp/csrc/argmax.cpp): 115 -> 24 us
             return op(logits.contiguous())
         return torch.max(logits, dim=-1).indices  # first maximum, as argmax; 4x faster on bfloat16 CPU
-    logits = logits.float() / sampling.temperature
-    if sampling.top_k > 0:
-        kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) > sampling.top_p  # keep the token that crosses top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    # On the logits' device, with a generator of that device (no copy of B x V probabilities to the
-    # host and back each token); seeded alike on every rank, and rank 0's choice is broadcast anyway.
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    # The batched sampler's exact inverse-CDF draw (tp/sampler.py), one uniform per row from `generator`,
+    # on the logits' device: seeded alike on every rank, and rank 0's choice is broadcast anyway.
+    rows = logits.shape[0]
+    uniforms = torch.rand(rows, generator=generator, device=generator.device if generator else logits.device)
+
+    def column(value, dtype):
+        return torch.full((rows,), value, dtype=dtype, device=logits.device)
+    return sample(logits.float(), column(sampling.temperature, torch.float32), column(sampling.top_p, torch.float32),
+                  column(sampling.top_k, torch.long), uniforms.to(logits.device))
 
 
 @dataclass
@@ -196,21 +186,27 @@ def generate(model: InternLM, prompts: list[list[int]], max_new_tokens: int, eos
 
 
 @torch.inference_mode()
-def admit(model: InternLM, row: int, ids: list[int]) -> torch.Tensor:
+def admit(model: InternLM, row: int, ids: list[int], every_position: bool = False) -> torch.Tensor:
     """Prefill `ids` alone into row `row` of the cache (slots [0, len)) while the other rows stay where
     they are in their own sequences, and point the row's decode inputs after it. Returns the logits
-    [vocab] of its next token; that token is the caller's to put in model.step.tokens[row]."""
+    [vocab] of its next token ([len, vocab], one per position, with every_position: a prompt's own
+    log-probabilities); that token is the caller's to put in model.step.tokens[row]."""
     if not ids or len(ids) >= model.max_seq:
         raise ValueError(f"a prompt of {len(ids)} tokens does not fit a cache of {model.max_seq} slots")
     with model.cache_rows(row, row + 1):
         positions = torch.arange(len(ids), device=model.device).unsqueeze(0)
-        logits = model(torch.tensor([ids], device=model.device), positions, None, 0)
+        logits = model(torch.tensor([ids], device=model.device), positions, None, 0, last_only=not every_position)
+    point_after(model, row, len(ids))
+    return logits[0] if every_position else logits[0, -1]
+
+
+def point_after(model: InternLM, row: int, length: int) -> None:
+    """Row `row`'s decode inputs after a sequence of `length` tokens in its slots [0, length)."""
     state = model.step
     state.valid[row] = False
-    state.valid[row, :len(ids)] = True
-    state.positions[row] = len(ids)
-    state.slots[row] = len(ids)
-    return logits[0, -1]
+    state.valid[row, :length] = True
+    state.positions[row] = length
+    state.slots[row] = length
 
 
 @torch.inference_mode()

@@ -392,6 +392,14 @@ class InternLM(nn.Module):
         caches = [layer.self_attn.cache for layer in self.model.layers]
         return [c.k[:1, :, :length].clone() for c in caches], [c.v[:1, :, :length].clone() for c in caches]
 
+    def copy_cache_row(self, source: int, target: int, length: int) -> None:
+        """Slots [0, length) of row `source` copied into row `target` in every layer: a prompt prefilled
+        once for several answers to it (n > 1)."""
+        for layer in self.model.layers:
+            cache = layer.self_attn.cache
+            cache.k[target, :, :length] = cache.k[source, :, :length]
+            cache.v[target, :, :length] = cache.v[source, :, :length]
+
     def load_prefix(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Write a prefix's keys and values into slots [0, len) of every row of the cache."""
         for layer, k, v in zip(self.model.layers, keys, values):

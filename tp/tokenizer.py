@@ -49,6 +49,10 @@ class Tokenizer:
         """Id of an exact vocabulary piece, None when the vocabulary lacks it."""
         return self._backend.piece_id(piece)
 
+    def piece_text(self, token: int) -> str:
+        """One token as text on its own (log-probability listings): its piece, a word boundary as a space."""
+        return self._backend.piece_text(token) if 0 <= token < self.vocab_size else ""
+
 
 def _settings(path: Path) -> dict:
     if not path.is_file():
@@ -71,6 +75,9 @@ class _SentencePiece:
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode([i for i in ids if i not in (self.bos_id, self.eos_id)])
+
+    def piece_text(self, token: int) -> str:
+        return self.sp.id_to_piece(token).replace("\u2581", " ")
 
     def piece_id(self, piece: str) -> int | None:
         idx = self.sp.piece_to_id(piece)
@@ -101,3 +108,6 @@ class _TokenizersJson:
 
     def piece_id(self, piece: str) -> int | None:
         return self.tok.token_to_id(piece)
+
+    def piece_text(self, token: int) -> str:
+        return self.tok.decode([token], skip_special_tokens=False)
