@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from conftest import MULTILINE_SUBJECT, REAL_CEVAL, SUBJECTS, VAL_PER_CATEGORY
 
-from tp.ceval import (CACHE_COLUMNS, CATEGORIES, BUILTIN_MAPPING, CevalError, Question, ResultCache,
+from tp.ceval import (CATEGORIES, BUILTIN_MAPPING, CevalError, Question, ResultCache,
                       SubjectInfo, atb_prompt, check_data_dir, first_letter, fit_prompt, format_table,
                       load_mapping, load_split, official_prompt, resolve_subjects, score)
 
