@@ -61,7 +61,6 @@ class Scheduler:
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.metrics = ServeMetrics(lambda: sum(1 for r in engine.rows if r is not None), self.waiting)
-        self._prefilled = 0
 
     def waiting(self) -> int:
         """Requests accepted and not yet in a row (read by /metrics, from the HTTP thread)."""
@@ -115,7 +114,9 @@ class Scheduler:
             plan = engine.plan()
             for request in [r for r in self._requests() if r.finish == "abort" and not r.output]:
                 self._publish(request)  # aborted while waiting
-            for request in run_plan(engine, plan):
+            touched = run_plan(engine, plan)
+            self.metrics.follow(engine)  # before the clients hear of this step
+            for request in touched:
                 self._publish(request)
         self._drain(block=False)
         for request in [r for r in engine.rows if r is not None] + engine.waiting_requests():
@@ -151,8 +152,6 @@ class Scheduler:
             stream.last_token = now
         stream.sent += len(new)
         self.metrics.generation_tokens.inc(len(new))
-        self.metrics.prefill_computed.inc(self.engine.prefilled_tokens - self._prefilled)
-        self._prefilled = self.engine.prefilled_tokens
         if request.finish is not None:
             self.metrics.finished(len(request.prompt), len(request.output), request.finish, now - stream.submitted,
                                   stream.first_token, stream.last_token)

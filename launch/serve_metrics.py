@@ -2,7 +2,8 @@
 prefix `internlm_tp:` (a dashboard made for vLLM needs only `vllm:` changed): requests running and
 waiting, prompt and generation token counters, time to first token, time per output token, end-to-end
 latency, and finished requests by reason. Ours beside them: prompt tokens the model actually ran
-(`prefill_tokens_computed`: a prompt answered n times counts once)."""
+(`prefill_tokens_computed`: a prompt answered n times counts once), decode steps and the host time
+their token choices took (`token_choice_seconds`: what sampling costs a step, against greedy)."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -21,6 +22,7 @@ class ServeMetrics:
     def __init__(self, running, waiting):
         """running(), waiting(): the request counts now (read at each scrape)."""
         self.registry = r = CollectorRegistry()
+        self._seen: dict = {}
         Gauge(PREFIX + "num_requests_running", "Number of requests in model execution batches.",
               registry=r).set_function(running)
         Gauge(PREFIX + "num_requests_waiting", "Number of requests waiting to be processed.",
@@ -31,6 +33,10 @@ class ServeMetrics:
         self.prefill_computed = Counter(PREFIX + "prefill_tokens_computed",
                                         "Prompt tokens run through the model (a prompt answered n times: once).",
                                         registry=r)
+        self.decode_steps = Counter(PREFIX + "decode_steps", "Decode steps run.", registry=r)
+        self.token_choice = Counter(PREFIX + "token_choice_seconds",
+                                    "Host time the decode steps spent choosing their tokens (greedy or sampled).",
+                                    registry=r)
         self.request_success = Counter(PREFIX + "request_success", "Count of finished requests by finish reason.",
                                        ["finished_reason"], registry=r)
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Histogram of time to first token in seconds.",
@@ -39,6 +45,13 @@ class ServeMetrics:
                               "Histogram of time per output token in seconds.", buckets=TPOT_BUCKETS, registry=r)
         self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Histogram of end to end request latency in seconds.",
                              buckets=E2E_BUCKETS, registry=r)
+
+    def follow(self, engine) -> None:
+        """The engine's own counters, brought up to date (they only grow)."""
+        for counter, value in ((self.prefill_computed, engine.prefilled_tokens), (self.decode_steps, engine.decode_steps),
+                               (self.token_choice, engine.choice_s)):
+            counter.inc(value - self._seen.get(counter, 0))
+            self._seen[counter] = value
 
     def finished(self, prompt_tokens: int, generated: int, reason: str, e2e_s: float, ttft_s: float | None,
                  last_token_s: float | None) -> None:

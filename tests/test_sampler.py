@@ -41,8 +41,9 @@ def test_draws_follow_the_filtered_distribution_for_every_row_of_one_call():
     draws = 20000
     rows = logits.repeat(draws, 1)
     column = lambda i, dtype: torch.tensor([s[i] for s in settings] * draws, dtype=dtype)  # noqa: E731
+    g = torch.Generator().manual_seed(1)
     tokens = sample(rows, column(0, torch.float32), column(1, torch.float32), column(2, torch.long),
-                    torch.rand(rows.shape[0], generator=torch.Generator().manual_seed(1))).view(draws, 4)
+                    lambda at: torch.rand(at.numel(), generator=g)).view(draws, 4)
     for r, (t, p, k) in enumerate(settings):
         expected = filtered(logits[r], t, p, k) * draws
         seen = torch.bincount(tokens[:, r], minlength=10).double()
@@ -156,3 +157,31 @@ def test_n_answers_share_one_prefill_and_a_failing_prefill_ends_only_its_request
     assert good.output == solo[:5] and engine.rows == [None] * 4
     with pytest.raises(ValueError, match="max_tokens must be >= 1"):
         engine.submit(Request("zero", prompt, 0))
+
+
+def test_a_large_vocabulary_draws_by_window_top_k_and_rejection_as_the_filtered_distribution():
+    """V = 3000: a peaked top-p row (drawn from the window), a flat top-p row (the window holds too
+    little: rejection from the whole softmax), a top-k row, an unfiltered one, in one call; the draws
+    against the exact filtered distribution, binned into 8 bins of equal mass (chi-square, 7 dof)."""
+    torch.manual_seed(0)
+    vocab, draws, bins = 3000, 2000, 8
+    peaked, flat = torch.randn(vocab) * 4, torch.randn(vocab) * 0.1
+    logits = torch.stack([peaked, flat, flat, flat])
+    settings = [(1.0, 0.9, 0), (1.0, 0.9, 0), (0.8, 0.95, 50), (1.2, 1.0, 0)]
+    column = lambda i, dtype: torch.tensor([s[i] for s in settings] * draws, dtype=dtype)  # noqa: E731
+    g = torch.Generator().manual_seed(3)
+    tokens = sample(logits.repeat(draws, 1), column(0, torch.float32), column(1, torch.float32), column(2, torch.long),
+                    lambda at: torch.rand(at.numel(), generator=g)).view(draws, 4)
+    for r, (t, p, k) in enumerate(settings):
+        q = filtered(logits[r], t, p, k)
+        assert bool((q[tokens[:, r]] > 0).all()), f"row {r}: a filtered-out token was drawn"
+        order = q.argsort(descending=True)
+        edges = (q[order].cumsum(0) * bins / q.sum()).clamp(max=bins - 1e-6).floor().long()  # bin of each token
+        bin_of = torch.empty(vocab, dtype=torch.long)
+        bin_of[order] = edges
+        expected = torch.zeros(bins, dtype=torch.float64).index_add_(0, bin_of, q.double()) * draws
+        seen = torch.bincount(bin_of[tokens[:, r]], minlength=bins).double()
+        used = expected > 0
+        chi2 = float(((seen[used] - expected[used]) ** 2 / expected[used]).sum())
+        assert chi2 < CHI2_999[int(used.sum()) - 1], (r, chi2, seen.tolist(), expected.tolist())
+    assert len(set(tokens[:, 1].tolist())) > 500, "the flat row drew from thousands of tokens"

@@ -103,6 +103,11 @@ def test_chat_streaming_usage_and_the_clients_error_types(chat_ckpt, tmp_path):
                                                      stream=True, stream_options={"include_usage": True}))
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == tok.decode(expected)
         assert chunks[-1].usage.completion_tokens == len(expected)
+        scored = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=5, temperature=0,
+                                                logprobs=True, top_logprobs=2).choices[0].logprobs.content
+        assert len(scored) == len(expected) and all(len(t.top_logprobs) == 2 for t in scored)
+        assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob) and t.logprob >= t.top_logprobs[1].logprob
+                   for t in scored), "greedy: each chosen token is the most likely one"
         with pytest.raises(openai.AuthenticationError):
             server.client(api_key="wrong").models.list()
         with pytest.raises(openai.NotFoundError, match="does not exist"):

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 import logging
+import time
 
 from tp.generate import admit, point_after
 from tp.model import InternLM
@@ -76,6 +77,7 @@ class Engine:
         self.sampler = Sampler(max_batch, model.cfg.vocab_size, model.device)
         self.aborted: set[str] = set()
         self.prefilled_tokens = 0  # prompt tokens run through the model (a group's prompt counts once)
+        self.decode_steps, self.choice_s = 0, 0.0  # decode steps, and the host time their token choices took
         self.before_admit = None  # a callable(request) run on every rank before its prefill (the server's test hooks)
         self._reset_idle()
 
@@ -207,9 +209,12 @@ class Engine:
         else:
             with model.cache_rows(0, busy):
                 logits = model.decode(state.first_rows(busy))[:, -1]
+        t0 = time.perf_counter()
         tokens, logprobs = self.sampler.choose(logits[:busy], self.rows[:busy], list(range(busy)), self.keeps_logprobs)
         state.tokens[:busy] = tokens
-        return [(t, logprobs.get(i)) for i, t in enumerate(tokens.tolist())]
+        values = tokens.tolist()
+        self.decode_steps, self.choice_s = self.decode_steps + 1, self.choice_s + time.perf_counter() - t0
+        return [(t, logprobs.get(i)) for i, t in enumerate(values)]
 
     def _take(self, request: Request, token: int, logprobs: RowLogprobs | None = None) -> None:
         if request.finish is not None:

@@ -36,15 +36,18 @@ def choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
         if op is not None:  # the same choice in two vectorized passes (tp/csrc/argmax.cpp): 115 -> 24 us
             return op(logits.contiguous())
         return torch.max(logits, dim=-1).indices  # first maximum, as argmax; 4x faster on bfloat16 CPU
-    # The batched sampler's exact inverse-CDF draw (tp/sampler.py), one uniform per row from `generator`,
-    # on the logits' device: seeded alike on every rank, and rank 0's choice is broadcast anyway.
+    # The batched sampler's exact draw (tp/sampler.py), its uniform numbers from `generator`, on the
+    # logits' device: seeded alike on every rank, and rank 0's choice is broadcast anyway.
     rows = logits.shape[0]
-    uniforms = torch.rand(rows, generator=generator, device=generator.device if generator else logits.device)
+
+    def uniform(at: torch.Tensor) -> torch.Tensor:
+        device = generator.device if generator is not None else logits.device
+        return torch.rand(at.numel(), generator=generator, device=device).to(logits.device)
 
     def column(value, dtype):
         return torch.full((rows,), value, dtype=dtype, device=logits.device)
     return sample(logits.float(), column(sampling.temperature, torch.float32), column(sampling.top_p, torch.float32),
-                  column(sampling.top_k, torch.long), uniforms.to(logits.device))
+                  column(sampling.top_k, torch.long), uniform)
 
 
 @dataclass
