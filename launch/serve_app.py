@@ -153,15 +153,16 @@ def build_app(front: Frontend) -> FastAPI:
                         async for i, text, finish, before in stream:
                             answer = answers[i]
                             ids = answer.request.output[before:answer.text.kept]
-                            echo = call.prompt_texts[i // len(call.groups[0])] if call.echo and not answer.started else ""
+                            prompt_text = call.prompt_texts[i // len(call.groups[0])] if call.echo else ""
+                            echo = "" if answer.started else prompt_text
                             if not (text or finish or echo or ids and (call.return_token_ids or call.logprobs is not None)):
                                 continue
-                            offset = len(answer.text.sent) - len(text) + (len(echo) if not answer.started else 0)
+                            # text_offset of this chunk's first token in the whole answer (echo: the prompt's first)
+                            offset = 0 if echo else len(prompt_text) + len(answer.text.sent) - len(text)
                             choice = ({"index": i, "delta": {"role": "assistant", "content": text} if text or not finish
                                        else {}, "finish_reason": finish} if chat
                                       else {"index": i, "text": echo + text, "finish_reason": finish})
-                            choice["logprobs"] = logprobs_for(answer, before, answer.text.kept, 0 if echo else offset,
-                                                              bool(echo))
+                            choice["logprobs"] = logprobs_for(answer, before, answer.text.kept, offset, bool(echo))
                             if call.return_token_ids:
                                 choice["token_ids"] = ids
                             answer.started = True

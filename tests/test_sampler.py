@@ -159,10 +159,14 @@ def test_n_answers_share_one_prefill_and_a_failing_prefill_ends_only_its_request
         engine.submit(Request("zero", prompt, 0))
 
 
-def test_a_large_vocabulary_draws_by_window_top_k_and_rejection_as_the_filtered_distribution():
+@pytest.mark.parametrize("tries", [32, 0], ids=["rejection", "whole-sort"])
+def test_a_large_vocabulary_draws_by_window_top_k_and_rejection_as_the_filtered_distribution(tries, monkeypatch):
     """V = 3000: a peaked top-p row (drawn from the window), a flat top-p row (the window holds too
-    little: rejection from the whole softmax), a top-k row, an unfiltered one, in one call; the draws
-    against the exact filtered distribution, binned into 8 bins of equal mass (chi-square, 7 dof)."""
+    little: rejection from the whole softmax, or with no tries left a whole sort), a top-k row, an
+    unfiltered one, in one call; the draws against the exact filtered distribution, binned into 8 bins
+    of equal mass (chi-square, 7 dof)."""
+    from tp import sampler
+    monkeypatch.setattr(sampler, "MAX_TRIES", tries)
     torch.manual_seed(0)
     vocab, draws, bins = 3000, 2000, 8
     peaked, flat = torch.randn(vocab) * 4, torch.randn(vocab) * 0.1

@@ -1,4 +1,4 @@
-"""task=serve at its edges, at TP=2 on a 2-row server: clients that give up (non-streamed, on a client
+"""task=serve at its edges, at TP=1 and TP=2 on a 2-row server: clients that give up (non-streamed, on a client
 timeout) free their rows at once; /health stays 200 through a 15 s step (liveness is each rank's
 heartbeat, not the step time); a request that fails inside the loop gets a 500 and the server goes on;
 500 requests whose clients leave at random points leave nothing running or waiting, and the last
@@ -21,9 +21,9 @@ from tp.tokenizer import Tokenizer
 MODEL = "internlm-tiny"
 
 
-@pytest.fixture(scope="module")
-def server(tiny_ckpt, tmp_path_factory):
-    s = Server(tiny_ckpt, 2, tmp_path_factory.mktemp("edges") / "run", "task.max_seq=4200", rows=2,
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+def server(request, tiny_ckpt, tmp_path_factory):
+    s = Server(tiny_ckpt, request.param, tmp_path_factory.mktemp("edges") / "run", "task.max_seq=4200", rows=2,
                env={"INTERNLM_TP_TEST_HOOKS": "1"})
     yield s
     s.stop()
