@@ -72,7 +72,7 @@ def test_health_stays_up_through_a_15_s_step_and_a_failing_request_gets_500(serv
         time.sleep(0.5)
     worker.join()
     assert time.time() - t0 >= 15 and "answer" in done, "the step took its 15 s and answered"
-    assert len(codes) >= 25 and set(codes) == {200}, codes
+    assert len(codes) >= 20 and set(codes) == {200}, codes
     with pytest.raises(openai.InternalServerError, match="prefill fails"):
         client.completions.create(model=MODEL, prompt="你好", max_tokens=3, extra_body={"test_hook": {"fail": True}})
     streamed = _raw(server, {"model": MODEL, "prompt": "你好", "max_tokens": 3, "stream": True,
