@@ -5,9 +5,10 @@ steps, so a short answer never waits for a long one and a new prompt never waits
 Every step, rank 0 decides a `Plan` (which waiting requests go into which free rows, which rows are
 aborted) and every rank applies the same plan: prefill each admitted prompt alone into its row
 (tp.generate.admit), then one decode step (tp.model.DecodeStep) over the rows up to the last busy one
-(all rows where the step is a captured graph), the greedy choice per row. The tokens are identical on every rank (all ranks hold the same logits), so each rank knows by
-itself which rows ended: only the plan travels (torch.distributed.broadcast_object_list), not the
-tokens. Rows without a request below the last busy one decode too; their slots are put back to 0
+(all rows where the step is a captured graph), then every row's token chosen in one call. The tokens
+are identical on every rank (all ranks hold the same logits and seed the same generators), so each
+rank knows by itself which rows ended: only the plan travels (torch.distributed.broadcast_object_list),
+not the tokens. Rows without a request below the last busy one decode too; their slots are put back to 0
 after each step, so they never run off the cache.
 
 A greedy request's answer is what `generate` gives its prompt alone; a sampled one draws from its
