@@ -122,3 +122,48 @@ def test_npu_without_graphs_says_why(monkeypatch, caplog):
     assert "decode graphs off on npu: this torch_npu has no torch.npu.NPUGraph" in caplog.text
     monkeypatch.setattr(torch, "npu", type("NPU", (), {"NPUGraph": object}), raising=False)
     assert graphs.enabled("auto", "npu") is True and graphs.enabled("off", "npu") is False
+
+
+def test_the_graph_is_captured_before_the_decode_clock_starts(tiny_ckpt, monkeypatch):
+    """generate's timed decode loop times replays only: the capture and its warm-up steps come before."""
+    import tp.generate as gen
+    model = load_model(tiny_ckpt)
+    api = StandInGraphs()
+    api.model = model
+    monkeypatch.setattr(graphs, "backend", lambda device_type: api)
+    model.graphs = graphs.DecodeGraphs(model)
+    events, clock, capture = [], gen.time.perf_counter, graphs.DecodeGraphs._capture
+    monkeypatch.setattr(gen.time, "perf_counter", lambda: events.append("clock") or clock())
+    monkeypatch.setattr(graphs.DecodeGraphs, "_capture", lambda self, step: events.append("capture") or capture(self, step))
+    out = generate(model, [Tokenizer(tiny_ckpt).encode(PROMPTS[0])], 6, eos_id=-1)
+    assert events.count("capture") == 1 and events.index("capture") == 2, \
+        "after the clocks around the first token, before the decode loop's first clock (t1)"
+    assert out.decode_steps == 5 and (api.captures, api.replays) == (1, 5)
+
+
+def test_rotary_tables_change_in_place_and_graphs_do_not_keep_the_model(tiny_ckpt, monkeypatch):
+    import dataclasses
+    import gc
+    import weakref
+    from tp.model import rope_tables
+    model = load_model(tiny_ckpt)
+    model.cfg = dataclasses.replace(model.cfg, rope_scaling="dynamic", rope_factor=2.0)  # NTK past the context
+    limit = model.cfg.max_position_embeddings
+    model.setup_cache(1, limit + 64)
+    table = model.rope_cos.data_ptr()
+    model.setup_cache(1, limit + 32)  # the same cache, a shorter request past the context: rescaled values
+    cos, sin = rope_tables(model.cfg, limit + 32)
+    assert model.rope_cos.data_ptr() == table, "a captured graph would still read the old tables"
+    assert torch.equal(model.rope_cos[:limit + 32], cos) and torch.equal(model.rope_sin[:limit + 32], sin)
+    assert not torch.equal(cos[limit:], rope_tables(model.cfg, limit + 64)[0][limit:limit + 32]), "rescaled"
+    api = StandInGraphs()
+    monkeypatch.setattr(graphs, "backend", lambda device_type: api)
+    model.graphs = graphs.DecodeGraphs(model)
+    assert model.graphs.model is model
+    gone = weakref.ref(model)
+    gc.disable()
+    try:
+        del model
+        assert gone() is None, "freed by its reference count, not left for the cyclic collector"
+    finally:
+        gc.enable()

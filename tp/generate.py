@@ -163,6 +163,8 @@ def generate(model: InternLM, prompts: list[list[int]], max_new_tokens: int, eos
     state.valid.copy_(valid)
     torch.add(lengths, P, out=state.positions)
     state.slots.fill_(P + width)
+    if getattr(model, "graphs", None) is not None:
+        model.graphs.prepare(state)  # a capture (and its warm-up steps) is not a decode step: before the clock
     check_every = eos_check_interval(device.type)
     steps, t1 = 0, time.perf_counter()
     for step in range(1, max_new_tokens):

@@ -21,6 +21,8 @@ bucket is not built.
 from __future__ import annotations
 
 import logging
+import weakref
+
 import torch
 import torch.distributed as dist
 
@@ -46,18 +48,26 @@ class DecodeGraphs:
     """Replays the graph captured for the model's current DecodeStep (capturing it on first use)."""
 
     def __init__(self, model):
-        self.model = model
+        self._model = weakref.ref(model)  # the model holds its graphs: no cycle keeping 14 GB on the device
         self.api = backend(model.device.type)
         self.pool = self.api.graph_pool_handle()
         self.captured: tuple | None = None  # (step, graph, logits)
 
+    @property
+    def model(self):
+        return self._model()
+
     def reset(self) -> None:
         self.captured = None
 
-    def __call__(self, step) -> torch.Tensor:
+    def prepare(self, step) -> None:
+        """Capture the graph for `step` now if it is not yet (before a timed loop, not inside it)."""
         if self.captured is None or self.captured[0] is not step:
             self.captured = None  # its memory back to the pool before the next capture
             self.captured = self._capture(step)
+
+    def __call__(self, step) -> torch.Tensor:
+        self.prepare(step)
         self.captured[1].replay()
         return self.captured[2]
 

@@ -407,8 +407,27 @@ class InternLM(nn.Module):
             layer.self_attn.cache.v[:, :, :v.shape[2]] = v
 
     def _set_rope(self, length: int) -> None:
+        """The rotary tables for sequences of `length`, written into the tables in place when they are
+        large enough: a captured decode graph reads these very tensors (dynamic NTK changes the values
+        past the context with the request's length)."""
         cos, sin = rope_tables(self.cfg, length, self.device)
-        self.rope_cos, self.rope_sin, self.rope_len = cos.to(self.dtype), sin.to(self.dtype), length
+        if self.rope_cos.dim() == 2 and self.rope_cos.shape[0] >= length and self.rope_cos.shape[1] == cos.shape[1]:
+            self.rope_cos[:length].copy_(cos)
+            self.rope_sin[:length].copy_(sin)
+        else:
+            self.rope_cos, self.rope_sin = cos.to(self.dtype), sin.to(self.dtype)
+            if self.graphs is not None:
+                self.graphs.reset()  # captured on the old tables
+        self.rope_len = length
+
+    def free_cache(self) -> None:
+        """Drop the KV cache (and a graph captured on it): the next setup_cache allocates exactly what it is
+        asked for (benchmarks comparing runs on the same capacity)."""
+        for layer in self.model.layers:
+            layer.self_attn.cache = None
+        self.max_seq, self.step, self.bound_step = 0, None, None
+        if self.graphs is not None:
+            self.graphs.reset()
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, start: int,
                 last_only: bool = True) -> torch.Tensor:
