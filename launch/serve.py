@@ -148,13 +148,18 @@ class Scheduler:
         if new and stream.first_token is None:
             stream.first_token = now
             self.metrics.ttft.observe(now - stream.submitted)
-        if new:
+        if new:  # each token's interval since the one before it, as a client sees them (vLLM's semantics)
+            if stream.last_token is None:  # a step that admits a request gives its first two tokens at once
+                for _ in new[1:]:
+                    self.metrics.tpot.observe(0.0)
+            else:
+                for _ in new:
+                    self.metrics.tpot.observe((now - stream.last_token) / len(new))
             stream.last_token = now
         stream.sent += len(new)
         self.metrics.generation_tokens.inc(len(new))
         if request.finish is not None:
-            self.metrics.finished(len(request.prompt), len(request.output), request.finish, now - stream.submitted,
-                                  stream.first_token, stream.last_token)
+            self.metrics.finished(len(request.prompt), request.finish, now - stream.submitted)
             ttft = "-" if stream.first_token is None else f"{(stream.first_token - stream.submitted) * 1e3:.0f} ms"
             log.info("request %s: %d prompt tokens, %d generated, %s; first token %s, total %.0f ms", request.id,
                      len(request.prompt), len(request.output), request.finish, ttft, (now - stream.submitted) * 1e3)

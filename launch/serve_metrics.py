@@ -53,13 +53,10 @@ class ServeMetrics:
             counter.inc(value - self._seen.get(counter, 0))
             self._seen[counter] = value
 
-    def finished(self, prompt_tokens: int, generated: int, reason: str, e2e_s: float, ttft_s: float | None,
-                 last_token_s: float | None) -> None:
+    def finished(self, prompt_tokens: int, reason: str, e2e_s: float) -> None:
         self.prompt_tokens.inc(prompt_tokens)
         self.request_success.labels(finished_reason=reason).inc()
         self.e2e.observe(e2e_s)
-        if ttft_s is not None and last_token_s is not None and generated > 1:
-            self.tpot.observe((last_token_s - ttft_s) / (generated - 1))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -98,7 +98,10 @@ def test_logprobs_equal_log_softmax_of_transformers_logits(server, local, refere
     _, tok = local
     client = server.client()
     prompt = tok.encode(PROMPTS[0])
+    intervals = server.metric("time_per_output_token_seconds_count")
     answer = complete(client, prompt=PROMPTS[0], max_tokens=5, logprobs=3)
+    steps = len(answer.choices[0].model_extra["token_ids"]) - 1
+    assert server.metric("time_per_output_token_seconds_count") - intervals == steps, "one a step after the first token"
     out = answer.choices[0].model_extra["token_ids"]
     with torch.inference_mode():
         logp = reference(torch.tensor([prompt + out])).logits[0].float().log_softmax(-1)
