@@ -43,6 +43,10 @@ class Call:
     return_token_ids: bool = False
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
+    def echoed(self, choice: int) -> str:
+        """The text `echo` puts before choice `choice`'s answer ("" without echo)."""
+        return self.prompt_texts[choice // len(self.groups[0])] if self.echo else ""
+
 
 def integer(body: dict, key: str, default, low: int, high: int | None = None) -> int | None:
     value = body.get(key, default)

@@ -98,6 +98,11 @@ def build_app(front: Frontend) -> FastAPI:
         created = int(time.time())
         name, kind = (f"chatcmpl-{call.id}", "chat.completion") if chat else (f"cmpl-{call.id}", "text_completion")
 
+        def head(chunk: bool) -> dict:
+            """What every response object (or streamed chunk) of this request starts with."""
+            return {"id": name, "object": f"{kind}.chunk" if chunk and chat else kind, "created": created,
+                    "model": front.model_name}
+
         async def updates():
             """(choice, text delta, finish, ids kept this time) as tokens arrive; aborts what is left
             open when it ends early (the client left, a failure)."""
@@ -153,7 +158,7 @@ def build_app(front: Frontend) -> FastAPI:
                         async for i, text, finish, before in stream:
                             answer = answers[i]
                             ids = answer.request.output[before:answer.text.kept]
-                            prompt_text = call.prompt_texts[i // len(call.groups[0])] if call.echo else ""
+                            prompt_text = call.echoed(i)
                             echo = "" if answer.started else prompt_text
                             if not (text or finish or echo or ids and (call.return_token_ids or call.logprobs is not None)):
                                 continue
@@ -166,14 +171,12 @@ def build_app(front: Frontend) -> FastAPI:
                             if call.return_token_ids:
                                 choice["token_ids"] = ids
                             answer.started = True
-                            data = {"id": name, "object": f"{kind}.chunk" if chat else kind, "created": created,
-                                    "model": front.model_name, "choices": [choice]}
+                            data = {**head(chunk=True), "choices": [choice]}
                             yield f"data: {json.dumps(data)}\n\n"
                     except ApiError as err:  # the status line went out with the first chunk: the error as an event
                         yield f"data: {json.dumps(err.body())}\n\n"
                 if call.usage_in_stream:
-                    data = {"id": name, "object": f"{kind}.chunk" if chat else kind, "created": created,
-                            "model": front.model_name, "choices": [], "usage": usage()}
+                    data = {**head(chunk=True), "choices": [], "usage": usage()}
                     yield f"data: {json.dumps(data)}\n\n"
                 yield "data: [DONE]\n\n"
             return StreamingResponse(sse(), media_type="text/event-stream")
@@ -190,14 +193,13 @@ def build_app(front: Frontend) -> FastAPI:
                 choice = {"index": i, "message": {"role": "assistant", "content": text},
                           "logprobs": logprobs_for(answer, 0, kept, 0, False), "finish_reason": answer.finish}
             else:
-                echo = call.prompt_texts[i // len(call.groups[0])] if call.echo else ""
+                echo = call.echoed(i)
                 choice = {"index": i, "text": echo + text, "logprobs": logprobs_for(answer, 0, kept, 0, call.echo),
                           "finish_reason": answer.finish}
             if call.return_token_ids:
                 choice["token_ids"] = answer.request.output[:kept]
             choices.append(choice)
-        return {"id": name, "object": kind, "created": created, "model": front.model_name, "choices": choices,
-                "usage": usage()}
+        return {**head(chunk=False), "choices": choices, "usage": usage()}
 
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):

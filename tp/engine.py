@@ -21,14 +21,13 @@ the decode step ends the requests then running; the engine goes on either way.
 """
 from __future__ import annotations
 
+import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-
-import logging
-import time
 
 from tp.generate import admit, point_after
 from tp.model import InternLM

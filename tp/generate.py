@@ -9,11 +9,10 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from tp import cpu_kernels
 from tp.device import synchronize
 from tp.model import InternLM
 from tp.routing import eos_check_interval
-from tp.sampler import Sampling, sample  # noqa: F401  (Sampling: re-exported for the tasks)
+from tp.sampler import Sampling, greedy, sample_with  # Sampling: re-exported for the tasks
 
 
 @dataclass
@@ -30,24 +29,16 @@ class Generation:
 
 
 def choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row of logits [B, V]."""
+    """Next token per row of logits [B, V]: greedy, or the batched sampler's exact draw (tp/sampler.py)
+    with its uniform numbers from `generator`, on the logits' device: seeded alike on every rank, and
+    rank 0's choice is broadcast anyway."""
     if sampling.temperature <= 0:
-        op = cpu_kernels.op_for("argmax_rows", logits) if logits.dim() == 2 else None
-        if op is not None:  # the same choice in two vectorized passes (tp/csrc/argmax.cpp): 115 -> 24 us
-            return op(logits.contiguous())
-        return torch.max(logits, dim=-1).indices  # first maximum, as argmax; 4x faster on bfloat16 CPU
-    # The batched sampler's exact draw (tp/sampler.py), its uniform numbers from `generator`, on the
-    # logits' device: seeded alike on every rank, and rank 0's choice is broadcast anyway.
-    rows = logits.shape[0]
+        return greedy(logits)
 
     def uniform(at: torch.Tensor) -> torch.Tensor:
         device = generator.device if generator is not None else logits.device
         return torch.rand(at.numel(), generator=generator, device=device).to(logits.device)
-
-    def column(value, dtype):
-        return torch.full((rows,), value, dtype=dtype, device=logits.device)
-    return sample(logits.float(), column(sampling.temperature, torch.float32), column(sampling.top_p, torch.float32),
-                  column(sampling.top_k, torch.long), uniform)
+    return sample_with(logits, [sampling] * logits.shape[0], uniform)
 
 
 @dataclass

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tp import cpu_kernels
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -35,6 +37,23 @@ class Sampling:
     def adjusts_logits(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
                     or self.logit_bias)
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The most likely token per row of logits [B, V] (the first maximum, as argmax)."""
+    op = cpu_kernels.op_for("argmax_rows", logits) if logits.dim() == 2 else None
+    if op is not None:  # the same choice in two vectorized passes (tp/csrc/argmax.cpp): 115 -> 24 us
+        return op(logits.contiguous())
+    return torch.max(logits, dim=-1).indices  # 4x faster than argmax on bfloat16 CPU
+
+
+def sample_with(logits: torch.Tensor, settings: list[Sampling], uniform) -> torch.Tensor:
+    """`sample` for rows of logits [S, V] each with its own (temperature > 0) settings."""
+    def column(values, dtype):
+        return torch.tensor(values, dtype=dtype, device=logits.device)
+    return sample(logits.float(), column([s.temperature for s in settings], torch.float32),
+                  column([s.top_p for s in settings], torch.float32), column([s.top_k for s in settings], torch.long),
+                  uniform)
 
 
 WINDOW = 256  # the most likely tokens a top-p row is drawn from, when they hold more than its top_p
@@ -184,8 +203,7 @@ class Sampler:
                ) -> tuple[torch.Tensor, dict[int, RowLogprobs]]:
         """Next token for every row of `logits` [B, V] (requests[i] None: an idle row, argmax); and for
         the i of rows whose request asks for logprobs, what its token was worth."""
-        from tp.generate import choose as argmax  # the greedy choice tp.generate makes (its kernel)
-        tokens = argmax(logits, Sampling(), None)
+        tokens = greedy(logits)
         live = [i for i, r in enumerate(requests) if r is not None and r.finish is None]
         special = [i for i in live if requests[i].sampling.temperature > 0 or requests[i].sampling.adjusts_logits
                    or len(requests[i].output) < requests[i].min_tokens]
@@ -193,20 +211,17 @@ class Sampler:
             index = torch.tensor(special, device=logits.device)
             adjusted = self._adjust(logits[index].float(), [requests[i] for i in special], [rows[i] for i in special])
             sampled = [j for j, i in enumerate(special) if requests[i].sampling.temperature > 0]
-            greedy = [j for j, i in enumerate(special) if requests[i].sampling.temperature <= 0]
-            if greedy:
-                tokens[index[greedy]] = adjusted[greedy].argmax(-1)
+            argmax = [j for j, i in enumerate(special) if requests[i].sampling.temperature <= 0]
+            if argmax:
+                tokens[index[argmax]] = adjusted[argmax].argmax(-1)
             if sampled:
-                settings = [requests[special[j]].sampling for j in sampled]
-                column = lambda values, dtype: torch.tensor(values, dtype=dtype, device=logits.device)  # noqa: E731
                 owners = [self.generators[rows[special[j]]] for j in sampled]
 
                 def uniform(at: torch.Tensor) -> torch.Tensor:  # row i's numbers from row i's generator
                     return torch.cat([torch.rand(1, generator=owners[i], device=self.device)
                                       for i in at.tolist()]).to(logits.device)
-                tokens[index[sampled]] = sample(adjusted[sampled], column([s.temperature for s in settings], torch.float32),
-                                                column([s.top_p for s in settings], torch.float32),
-                                                column([s.top_k for s in settings], torch.long), uniform)
+                tokens[index[sampled]] = sample_with(adjusted[sampled], [requests[special[j]].sampling for j in sampled],
+                                                     uniform)
         if self.counts is not None and live:
             at = torch.tensor([rows[i] for i in live], device=self.device)
             chosen = tokens[torch.tensor(live, device=tokens.device)].to(self.device)
